@@ -1,0 +1,62 @@
+"""The errors smartmac-bridge raises, and what the user should do about each.
+
+    SmartmacError
+     ├── ConfigError           the configuration is wrong; the message names the key
+     ├── BrokerError           the embedded MQTT broker could not start
+     ├── CommandError          a payload on a relay/set topic is not a command
+     └── MeterError            one request to a meter failed (nothing is published from it)
+          ├── MeterUnreachable  connection refused, reset or timed out
+          ├── MeterRateLimited  HTTP 429: asked sooner than the model allows
+          ├── MeterAuthError    the meter refused the id/PIN
+          ├── MeterHTTPError    any other non-200 answer
+          └── BodyError         the answer is not a meter body we can read
+
+No message ever contains the meter's PIN or an MQTT password: meter.py builds its
+messages from the host and devid only, never from the request URL.
+"""
+
+from __future__ import annotations
+
+
+class SmartmacError(Exception):
+    """Base of every error smartmac-bridge raises on purpose."""
+
+
+class ConfigError(SmartmacError):
+    """The configuration is invalid. Fix the key named in the message and start again."""
+
+
+class BrokerError(SmartmacError):
+    """The embedded broker did not start (often: the port is taken). Pick another
+    `embedded_broker.port`, or set `mqtt.host` to use an existing broker."""
+
+
+class CommandError(SmartmacError):
+    """A relay command payload was not understood. Send ON, OFF, TOGGLE, 1/0,
+    true/false or {"state": "ON"|"OFF"|"TOGGLE"}."""
+
+
+class MeterError(SmartmacError):
+    """A request to a meter failed. The bridge retries at the next poll."""
+
+
+class MeterUnreachable(MeterError):
+    """No answer: check the meter's power, Wi-Fi and `host`."""
+
+
+class MeterRateLimited(MeterError):
+    """HTTP 429. Another client is polling the same meter, or `extended` is set on a
+    standard meter (standard meters allow one request per 60 s)."""
+
+
+class MeterAuthError(MeterError):
+    """The meter refused the devid/PIN: check `id` and `pin` against the meter's label."""
+
+
+class MeterHTTPError(MeterError):
+    """The meter answered with an unexpected HTTP status."""
+
+
+class BodyError(MeterError):
+    """The meter's answer could not be read as a meter body (wrong device, firmware
+    sending something else, or a truncated answer)."""
