@@ -1,0 +1,304 @@
+"""Settings: a YAML file plus `SMARTMAC_*` environment variables (the environment wins).
+
+Everything is validated before anything starts; a bad value is a ConfigError whose message
+names the key (`devices.0.interval: ...`) and never echoes the value, because the value
+may be a PIN or a password.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from .errors import ConfigError
+
+ENV_PREFIX = "SMARTMAC_"
+CONFIG_ENV = "SMARTMAC_CONFIG"
+
+#: The vendor's minimum time between two requests to one meter, in seconds.
+STANDARD_MIN_GAP = 60.0
+EXTENDED_MIN_GAP = 6.0
+
+#: The topic segment the bridge keeps for itself (B/bridge/availability, B/bridge/info).
+RESERVED_SEGMENT = "bridge"
+
+_TOPIC_FORBIDDEN = re.compile(r"[+#\x00]")
+
+
+def min_gap(extended: bool) -> float:
+    """The shortest time the meter model allows between two requests."""
+    return EXTENDED_MIN_GAP if extended else STANDARD_MIN_GAP
+
+
+class _Model(BaseModel):
+    # Unknown keys are typos until proven otherwise: refuse them.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TlsSettings(_Model):
+    enabled: bool = False
+    """Connect to the broker over TLS."""
+    ca_certs: Path | None = None
+    """CA bundle that signed the broker's certificate (None: the system's CAs)."""
+    certfile: Path | None = None
+    """Client certificate, for brokers that require one."""
+    keyfile: Path | None = None
+    """Private key of the client certificate."""
+    insecure: bool = False
+    """Skip the broker host name check (self-signed lab setups only)."""
+
+    @field_validator("ca_certs", "certfile", "keyfile")
+    @classmethod
+    def _exists(cls, path: Path | None) -> Path | None:
+        if path is not None and not path.is_file():
+            raise ValueError(f"file not found: {path}")
+        return path
+
+
+class MqttSettings(_Model):
+    host: str | None = None
+    """Broker host. Absent or null: start the embedded broker and use it."""
+    port: int = Field(1883, ge=1, le=65535)
+    username: str | None = None
+    password: SecretStr | None = None
+    """Never logged or published."""
+    client_id: str = Field("smartmac-bridge", min_length=1, max_length=128)
+    base_topic: str = "smartmac"
+    """First topic level of everything the bridge publishes."""
+    qos: Literal[0, 1, 2] = 0
+    """QoS of state publishes; everything retained is republished on reconnect anyway."""
+    tls: TlsSettings = TlsSettings()
+
+    @field_validator("host")
+    @classmethod
+    def _blank_is_none(cls, host: str | None) -> str | None:
+        # SMARTMAC_MQTT__HOST= (empty) reads as "no broker configured".
+        return host.strip() or None if host is not None else None
+
+    @field_validator("base_topic")
+    @classmethod
+    def _topic_prefix(cls, base: str) -> str:
+        if not base or base.startswith("/") or base.endswith("/") or "//" in base:
+            raise ValueError("must be non-empty, without leading, trailing or double '/'")
+        if _TOPIC_FORBIDDEN.search(base) or base.startswith("$"):
+            raise ValueError("must not contain '+', '#' or start with '$'")
+        return base
+
+
+class EmbeddedBrokerSettings(_Model):
+    host: str = "127.0.0.1"
+    """Address the embedded broker listens on (used only when mqtt.host is not set)."""
+    port: int = Field(1883, ge=1, le=65535)
+
+
+class DeviceSettings(_Model):
+    id: str
+    """The meter's devid: digits only."""
+    pin: SecretStr
+    """The meter's devpass. Quote it in YAML: 012345 unquoted is a number."""
+    host: str
+    """`192.168.4.1`, `host:port` or `http://host:port`."""
+    name: str | None = None
+    """Display name; default: the id."""
+    topic: str | None = None
+    """Topic segment; default: the id."""
+    extended: bool = False
+    """Extended model: one request per 6 s is allowed instead of one per 60 s."""
+    interval: float | None = None
+    """Seconds between polls; default 60 (standard) or 6 (extended)."""
+    relay_inverted: bool = False
+    """False: pout 1 means relay ON, both reported and sent."""
+    timeout: float = Field(5.0, gt=0, le=30)
+    """Seconds one HTTP request may take, connect to last byte."""
+
+    @field_validator("id", mode="before")
+    @classmethod
+    def _id_digits(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        if not isinstance(value, str) or not value.isdigit() or not value.isascii():
+            raise ValueError("must be the meter's devid, digits only")
+        return value
+
+    @field_validator("pin", mode="before")
+    @classmethod
+    def _pin_text(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            # YAML turns 012345 into an octal number and 123456 into an int: either way the
+            # digits the meter expects are gone, so insist on quotes rather than guess.
+            raise ValueError('must be a quoted string, e.g. pin: "012345"')
+        if not value or any(c.isspace() or c in "&#?%" for c in value):
+            raise ValueError("must be non-empty, without spaces or '&#?%'")
+        return value
+
+    @field_validator("host")
+    @classmethod
+    def _host_url(cls, value: str) -> str:
+        base_url(value)  # raises ValueError with the reason
+        return value
+
+    @field_validator("topic")
+    @classmethod
+    def _segment(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value or "/" in value or _TOPIC_FORBIDDEN.search(value):
+            raise ValueError("must be one non-empty topic level without '/', '+' or '#'")
+        if value == RESERVED_SEGMENT:
+            raise ValueError(f"'{RESERVED_SEGMENT}' is reserved for the bridge's own topics")
+        return value
+
+    @model_validator(mode="after")
+    def _interval_allowed(self) -> DeviceSettings:
+        gap = min_gap(self.extended)
+        if self.interval is not None and self.interval < gap:
+            model = "an extended" if self.extended else "a standard"
+            raise ValueError(
+                f"interval {self.interval:g} s is below the {gap:g} s {model} meter allows"
+                + ("" if self.extended else " (set extended: true for extended meters)")
+            )
+        return self
+
+    @property
+    def display_name(self) -> str:
+        return self.name or self.id
+
+    @property
+    def segment(self) -> str:
+        return self.topic or self.id
+
+    @property
+    def poll_interval(self) -> float:
+        return self.interval if self.interval is not None else min_gap(self.extended)
+
+    @property
+    def url(self) -> str:
+        return base_url(self.host)
+
+
+def base_url(host: str) -> str:
+    """`192.168.4.1`, `host:8080`, `[::1]:8080` or `http://host:8080` -> `http://host[:port]`."""
+    text = host.strip()
+    if not text:
+        raise ValueError("must not be empty")
+    if "://" not in text:
+        text = "http://" + text
+    parts = urlsplit(text)
+    if parts.scheme != "http":
+        raise ValueError("the meter speaks plain http only")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+        raise ValueError("give host or host:port only, no path, query or user")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError("port must be a number from 1 to 65535") from None
+    if not parts.hostname:
+        raise ValueError("no host name")
+    netloc = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"http://{netloc}" + (f":{port}" if port else "")
+
+
+class Settings(BaseSettings):
+    """The whole configuration. See README.md for every key."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    mqtt: MqttSettings = MqttSettings()
+    embedded_broker: EmbeddedBrokerSettings = EmbeddedBrokerSettings()
+    devices: tuple[DeviceSettings, ...] = ()
+
+    @model_validator(mode="after")
+    def _unique(self) -> Settings:
+        for field, label in (("id", "id"), ("segment", "topic")):
+            seen: dict[str, int] = {}
+            for index, device in enumerate(self.devices):
+                value = getattr(device, field)
+                if value in seen:
+                    raise ValueError(
+                        f"devices.{index}.{label} {value!r} is also used by devices.{seen[value]}"
+                    )
+                seen[value] = index
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # init_settings carries the YAML file (see load_settings); env beats it.
+        return (env_settings, init_settings)
+
+
+def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
+    """Read the YAML file (argument, else $SMARTMAC_CONFIG, else none) and the environment."""
+    if path is None:
+        path = os.environ.get(CONFIG_ENV) or None
+    data = _read_yaml(Path(path)) if path is not None else {}
+    unknown = sorted(
+        name
+        for name in os.environ
+        if name.upper().startswith(ENV_PREFIX)
+        and name.upper() != CONFIG_ENV
+        and name[len(ENV_PREFIX) :].split("__")[0].lower() not in Settings.model_fields
+    )
+    if unknown:
+        # pydantic-settings ignores unknown variables; a typo there would silently do nothing.
+        raise ConfigError(f"unknown environment variable(s): {', '.join(unknown)}")
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config file {path}{where}: not valid YAML") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: the top level must be a mapping of keys")
+    return data
+
+
+def _describe(exc: ValidationError) -> str:
+    # Built by hand: str(ValidationError) includes input values, and an input may be a PIN.
+    lines = []
+    for error in exc.errors(include_input=False, include_url=False):
+        where = ".".join(str(part) for part in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"{where}: {message}" if where else message)
+    return "invalid configuration:\n  " + "\n  ".join(lines)

@@ -1,0 +1,147 @@
+"""PURE: a meter's answer body -> a frozen, typed Snapshot.
+
+This is the only place that touches the meter's raw JSON. It is lenient where the device is
+known to be odd (raw newlines inside strings, unknown keys, values as strings) and strict
+about the envelope (devid, time, pout, data), so a login page or a truncated answer is an
+error instead of a half-read state. It raises nothing but BodyError.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import BodyError
+
+# A decimal number as a meter prints it: "220.89", "586", "-3", "0.60", "1e3".
+# Deliberately excludes "nan", "inf", "", "0x10" and "1_000", which float()/int() accept.
+_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+_SEPARATOR = re.compile(r"br\d*")
+# No meter value is this long; the cap also keeps int() clear of Python's 4300-digit limit.
+_MAX_DIGITS = 40
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """One value from the body's `data` object."""
+
+    key: str
+    """The meter's key, e.g. `V1`, `Wh3`, `T`, or anything a firmware adds."""
+    name: str
+    """The meter's own label, e.g. `Voltage 1`."""
+    unit: str
+    text: str
+    """The value exactly as sent, trimmed: `0.60` stays `0.60`."""
+    value: int | float
+    """The value as a number: int when the text has no fraction or exponent."""
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Everything one good answer said."""
+
+    devid: str
+    time: int
+    """The meter's own clock, Unix seconds."""
+    pout: int
+    """The relay output as reported (0/1), before any inversion."""
+    readings: tuple[Reading, ...]
+    rejected: tuple[str, ...] = ()
+    """Keys whose value was not a number: left out, never published as 0."""
+
+
+def parse_body(body: bytes | str) -> Snapshot:
+    """Parse one answer. Raises BodyError when it is not a meter body."""
+    if isinstance(body, bytes):
+        # Values and keys are ASCII; a firmware with odd bytes in a label must not cost
+        # us the readings, so undecodable bytes become U+FFFD instead of an error.
+        text = body.decode("utf-8", errors="replace")
+    else:
+        text = body
+    try:
+        # strict=False admits the raw newline the vendor puts inside the br* names.
+        doc = json.loads(text, strict=False)
+    except (ValueError, RecursionError):
+        raise BodyError(_not_json(text)) from None
+    if not isinstance(doc, dict):
+        raise BodyError("answer is JSON but not an object")
+    data = doc.get("data")
+    if not isinstance(data, dict):
+        raise BodyError("answer has no 'data' object")
+    devid = _text(doc.get("devid"))
+    if devid is None or not devid.isdigit():
+        raise BodyError("answer has no valid 'devid'")
+    time = _integer(doc.get("time"), "time")
+    pout = _integer(doc.get("pout"), "pout")
+    if pout not in (0, 1):
+        raise BodyError("answer has a 'pout' other than 0 or 1")
+
+    readings: list[Reading] = []
+    rejected: list[str] = []
+    for key, entry in data.items():
+        if not isinstance(entry, dict):
+            rejected.append(key)
+            continue
+        raw = entry.get("value")
+        if raw is None and _SEPARATOR.fullmatch(key):
+            continue  # br0, br1, ...: layout separators, not readings
+        number = _number(raw)
+        if number is None:
+            rejected.append(key)
+            continue
+        readings.append(
+            Reading(
+                key=key,
+                name=_text(entry.get("name")) or key,
+                unit=_text(entry.get("unit")) or "",
+                text=number[0],
+                value=number[1],
+            )
+        )
+    return Snapshot(devid, time, pout, tuple(readings), tuple(rejected))
+
+
+def _text(value: Any) -> str | None:
+    return value.strip() if isinstance(value, str) else None
+
+
+def _integer(value: Any, field: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        if text.isdigit() and text.isascii() and len(text) <= _MAX_DIGITS:
+            return int(text)
+    raise BodyError(f"answer has no valid {field!r}")
+
+
+def _number(value: Any) -> tuple[str, int | float] | None:
+    """('220.89', 220.89) for a numeric string (or a JSON number); None otherwise."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return str(value), value
+    if isinstance(value, float):
+        return (repr(value), value) if value == value and abs(value) != float("inf") else None
+    if not isinstance(value, str):
+        return None
+    text = value.strip()
+    if len(text) > _MAX_DIGITS or not _NUMBER.fullmatch(text):
+        return None
+    if "." in text or "e" in text or "E" in text:
+        number = float(text)
+        if number in (float("inf"), float("-inf")):
+            return None  # "1e999": not representable in JSON
+        return text, number
+    return text, int(text)
+
+
+def _not_json(text: str) -> str:
+    head = text.lstrip()[:1]
+    if head == "<":
+        return "answer is HTML, not JSON (a login or error page?)"
+    if not head:
+        return "answer is empty"
+    return "answer is not valid JSON (truncated or garbled)"

@@ -1,0 +1,120 @@
+"""PURE: when may each meter be asked next?
+
+Two rules, both per meter:
+- polls follow the meter's interval;
+- no two requests (polls and commands alike) start closer than the model's minimum gap plus
+  GUARD, and a request never starts while the previous one is still running.
+
+A pending command asks for the earliest moment the gap allows, and that request stands in
+for the next poll. Time is passed in (`now`), never read here, so tests move the clock.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from dataclasses import dataclass
+from typing import Generic, Hashable, TypeVar
+
+#: Seconds added to every minimum gap. The meter measures the gap between *arrivals*;
+#: network jitter may shorten it by a few ms, and a 429 costs a whole slot.
+GUARD = 0.05
+
+K = TypeVar("K", bound=Hashable)
+
+
+@dataclass(slots=True)
+class Timing:
+    """The scheduling state of one meter."""
+
+    interval: float
+    gap: float
+    """The model's minimum gap plus GUARD."""
+    planned: float
+    """When the next poll is planned (lag is measured against this)."""
+    last_start: float = float("-inf")
+    in_flight: bool = False
+    urgent: bool = False
+    """A command waits: go at the earliest moment the gap allows."""
+    version: int = 0
+    """Bumped whenever the due time changes, so older heap entries are recognised as stale."""
+
+    def due(self) -> float:
+        earliest = self.last_start + self.gap
+        return earliest if self.urgent else max(self.planned, earliest)
+
+
+class Scheduler(Generic[K]):
+    """A heap of meters ordered by the time their next request is due."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, int, K]] = []
+        self._timing: dict[K, Timing] = {}
+        self._tiebreak = itertools.count()
+
+    def add(self, key: K, *, interval: float, min_gap: float, now: float) -> None:
+        """Register a meter; its first poll is due at once."""
+        timing = Timing(interval=interval, gap=min_gap + GUARD, planned=now)
+        self._timing[key] = timing
+        self._push(key, timing)
+
+    def timing(self, key: K) -> Timing:
+        return self._timing[key]
+
+    def next_due(self) -> float | None:
+        """The earliest due time of any meter not in flight, or None."""
+        heap = self._heap
+        while heap:
+            due, _, version, key = heap[0]
+            timing = self._timing[key]
+            if version == timing.version and not timing.in_flight:
+                return due
+            heapq.heappop(heap)  # stale: superseded by a newer entry
+        return None
+
+    def pop_due(self, now: float) -> list[tuple[K, float]]:
+        """Meters due at `now`, marked in flight, with their planned start time."""
+        ready: list[tuple[K, float]] = []
+        while (due := self.next_due()) is not None and due <= now:
+            _, _, _, key = heapq.heappop(self._heap)
+            timing = self._timing[key]
+            timing.in_flight = True
+            ready.append((key, due))
+        return ready
+
+    def finished(self, key: K, started: float, *, command: bool = False) -> None:
+        """The request that started at `started` (monotonic) is over; plan the next one.
+
+        `command`: the request carried a relay command. It stands in for the next poll, so
+        the cadence restarts from it."""
+        timing = self._timing[key]
+        timing.in_flight = False
+        timing.last_start = started
+        if command:
+            timing.planned = started + timing.interval
+        else:
+            # Keep the cadence when on time; when late, never plan inside the gap (the lag
+            # would otherwise grow by GUARD every cycle on a meter polled at its minimum).
+            timing.planned = max(timing.planned + timing.interval, started + timing.gap)
+        self._push(key, timing)
+
+    def hurry(self, key: K) -> None:
+        """A command waits for this meter: make it due at the earliest allowed moment."""
+        timing = self._timing[key]
+        if timing.urgent:
+            return
+        timing.urgent = True
+        if not timing.in_flight:
+            self._push(key, timing)
+
+    def settle(self, key: K) -> None:
+        """No command waits any more: back to the poll cadence."""
+        timing = self._timing[key]
+        if timing.urgent:
+            timing.urgent = False
+            if not timing.in_flight:
+                self._push(key, timing)
+
+    def _push(self, key: K, timing: Timing) -> None:
+        timing.version += 1
+        heapq.heappush(self._heap, (timing.due(), next(self._tiebreak), timing.version, key))

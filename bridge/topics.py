@@ -1,0 +1,167 @@
+"""PURE: what goes on which topic, and what a command payload means.
+
+Topic strings are built once per meter (and once per key) and reused on every poll: at a
+few hundred polls a second, string building is measurable.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from enum import Enum
+
+from .errors import CommandError
+from .readings import Snapshot
+
+ONLINE = b"online"
+OFFLINE = b"offline"
+
+# Sub-topics of a meter that a data key must not shadow (B/D/<key> would land on them).
+_RESERVED_KEYS = frozenset({"state", "relay", "availability"})
+_MAX_COMMAND = 256
+
+
+class Relay(str, Enum):
+    ON = "ON"
+    OFF = "OFF"
+
+    def inverse(self) -> Relay:
+        return Relay.OFF if self is Relay.ON else Relay.ON
+
+
+class Action(str, Enum):
+    ON = "ON"
+    OFF = "OFF"
+    TOGGLE = "TOGGLE"
+
+
+def relay_from_pout(pout: int, inverted: bool) -> Relay:
+    """The relay as the meter reports it: pout 1 = ON, unless the wiring is inverted."""
+    return Relay.ON if bool(pout) != inverted else Relay.OFF
+
+
+def pout_for(relay: Relay, inverted: bool) -> int:
+    """The pout value that switches the relay to `relay`."""
+    return int((relay is Relay.ON) != inverted)
+
+
+def valid_key(key: str) -> bool:
+    """Can this data key be its own topic level under B/D/?"""
+    return bool(key) and key not in _RESERVED_KEYS and not any(c in key for c in "/+#\x00")
+
+
+@dataclass(slots=True)
+class MeterTopics:
+    """The topics of one meter under B/D/."""
+
+    base: str
+    segment: str
+    prefix: str = field(init=False)
+    availability: str = field(init=False)
+    state: str = field(init=False)
+    relay: str = field(init=False)
+    relay_set: str = field(init=False)
+    relay_result: str = field(init=False)
+    _keys: dict[str, str] = field(init=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.prefix = f"{self.base}/{self.segment}/"
+        self.availability = self.prefix + "availability"
+        self.state = self.prefix + "state"
+        self.relay = self.prefix + "relay"
+        self.relay_set = self.prefix + "relay/set"
+        self.relay_result = self.prefix + "relay/result"
+
+    def key(self, key: str) -> str:
+        topic = self._keys.get(key)
+        if topic is None:
+            topic = self._keys[key] = self.prefix + key
+        return topic
+
+
+def bridge_availability(base: str) -> str:
+    return f"{base}/bridge/availability"
+
+
+def bridge_info(base: str) -> str:
+    return f"{base}/bridge/info"
+
+
+def command_subscription(base: str) -> str:
+    """One wildcard subscription covers every meter's relay/set."""
+    return f"{base}/+/relay/set"
+
+
+def command_segment(base: str, topic: str) -> str | None:
+    """The D of B/D/relay/set, or None if the topic is not a command topic."""
+    head = base + "/"
+    if not topic.startswith(head) or not topic.endswith("/relay/set"):
+        return None
+    segment = topic[len(head) : -len("/relay/set")]
+    return segment if segment and "/" not in segment else None
+
+
+def state_messages(
+    topics: MeterTopics, snap: Snapshot, relay: Relay
+) -> Iterator[tuple[str, bytes]]:
+    """Every retained message one good read produces: B/D/KEY..., B/D/state, B/D/relay."""
+    state: dict[str, object] = {}
+    for reading in snap.readings:
+        if valid_key(reading.key):
+            yield topics.key(reading.key), reading.text.encode()
+        state[reading.key] = reading.value
+    # The envelope fields win over any data key of the same name.
+    state["devid"] = snap.devid
+    state["time"] = snap.time
+    state["pout"] = snap.pout
+    state["relay"] = relay.value
+    yield topics.state, json.dumps(state, separators=(",", ":")).encode()
+    yield topics.relay, relay.value.encode()
+
+
+def info_payload(version: str, devices: Iterable[dict[str, object]]) -> bytes:
+    return json.dumps({"version": version, "devices": list(devices)}).encode()
+
+
+def result_ok(relay: Relay) -> bytes:
+    return json.dumps({"ok": True, "relay": relay.value}).encode()
+
+
+def result_error(error: str) -> bytes:
+    return json.dumps({"ok": False, "error": error}).encode()
+
+
+_WORDS = {
+    "ON": Action.ON,
+    "OFF": Action.OFF,
+    "TOGGLE": Action.TOGGLE,
+    "1": Action.ON,
+    "0": Action.OFF,
+    "TRUE": Action.ON,
+    "FALSE": Action.OFF,
+}
+
+
+def parse_command(payload: bytes) -> Action:
+    """ON/OFF/TOGGLE (any case), 1/0, true/false, or {"state": "ON"|"OFF"|"TOGGLE"}."""
+    if len(payload) > _MAX_COMMAND:
+        raise CommandError(f"payload too long ({len(payload)} bytes)")
+    try:
+        text = payload.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise CommandError("payload is not UTF-8 text") from None
+    action = _WORDS.get(text.upper())
+    if action is not None:
+        return action
+    if text.startswith("{"):
+        try:
+            doc = json.loads(text)
+        except (ValueError, RecursionError):
+            raise CommandError("payload is not valid JSON") from None
+        state = doc.get("state") if isinstance(doc, dict) else None
+        if isinstance(state, str) and state.strip().upper() in ("ON", "OFF", "TOGGLE"):
+            return Action(state.strip().upper())
+        raise CommandError('JSON command needs {"state": "ON"|"OFF"|"TOGGLE"}')
+    shown = text if len(text) <= 32 else text[:32] + "..."
+    raise CommandError(f"unknown command {shown!r}: use ON, OFF or TOGGLE")
