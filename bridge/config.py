@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
@@ -80,7 +80,7 @@ class MqttSettings(_Model):
     client_id: str = Field("smartmac-bridge", min_length=1, max_length=128)
     base_topic: str = "smartmac"
     """First topic level of everything the bridge publishes."""
-    qos: Literal[0, 1, 2] = 0
+    qos: int = Field(0, ge=0, le=2)
     """QoS of state publishes; everything retained is republished on reconnect anyway."""
     tls: TlsSettings = TlsSettings()
 

@@ -1,0 +1,141 @@
+"""config.load_settings: file + environment, and a clear error for every bad value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bridge.config import base_url, load_settings
+from bridge.errors import ConfigError
+
+PIN = "913577"
+
+GOOD = f"""
+mqtt:
+  host: 127.0.0.1
+  port: 1884
+  password: s3cret-pass
+devices:
+  - id: "1728053249"
+    pin: "{PIN}"
+    host: 127.0.0.1:8080
+    name: Garage
+    topic: garage
+    extended: true
+  - id: 1728053250
+    pin: "000123"
+    host: http://[::1]:8081
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_file_and_defaults(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, GOOD))
+    first, second = settings.devices
+    assert settings.mqtt.port == 1884 and settings.mqtt.base_topic == "smartmac"
+    assert settings.mqtt.password is not None and "s3cret" not in repr(settings)
+    assert (first.segment, first.display_name, first.poll_interval) == ("garage", "Garage", 6.0)
+    assert (second.id, second.segment, second.display_name, second.poll_interval) == (
+        "1728053250", "1728053250", "1728053250", 60.0)
+    assert second.url == "http://[::1]:8081"
+    assert PIN not in repr(settings) and PIN not in str(settings)
+
+
+def test_environment_wins_over_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SMARTMAC_MQTT__HOST", "broker.example")
+    monkeypatch.setenv("SMARTMAC_MQTT__QOS", "1")
+    monkeypatch.setenv("SMARTMAC_EMBEDDED_BROKER__PORT", "1999")
+    settings = load_settings(write(tmp_path, GOOD))
+    assert (settings.mqtt.host, settings.mqtt.port, settings.mqtt.qos) == ("broker.example", 1884, 1)
+    assert settings.embedded_broker.port == 1999
+
+
+def test_config_path_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SMARTMAC_CONFIG", str(write(tmp_path, GOOD)))
+    assert len(load_settings().devices) == 2
+
+
+def test_no_file_means_embedded_defaults() -> None:
+    settings = load_settings()
+    assert settings.mqtt.host is None and settings.devices == ()
+    assert (settings.embedded_broker.host, settings.embedded_broker.port) == ("127.0.0.1", 1883)
+
+
+def test_empty_host_from_environment_means_embedded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SMARTMAC_MQTT__HOST", "")
+    assert load_settings().mqtt.host is None
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("mqtt: {hots: x}", "mqtt.hots: unknown key"),
+        ("bogus: 1", "bogus: unknown key"),
+        ("mqtt: {port: 0}", "mqtt.port"),
+        ("mqtt: {qos: 3}", "mqtt.qos"),
+        ("mqtt: {base_topic: 'a/#'}", "mqtt.base_topic"),
+        ("mqtt: {base_topic: '/a'}", "mqtt.base_topic"),
+        ("mqtt: {tls: {enabled: true, ca_certs: /nonexistent/ca.pem}}", "mqtt.tls.ca_certs: file not found"),
+        ("devices: [{id: '12a', pin: '1', host: h}]", "devices.0.id: must be the meter's devid"),
+        ("devices: [{id: '1', pin: 12345, host: h}]", "devices.0.pin: must be a quoted string"),
+        ("devices: [{id: '1', pin: 'x', host: h, interval: 30}]", "below the 60 s a standard meter allows"),
+        ("devices: [{id: '1', pin: 'x', host: h, extended: true, interval: 5}]", "below the 6 s an extended"),
+        ("devices: [{id: '1', pin: 'x', host: h, topic: bridge}]", "devices.0.topic: 'bridge' is reserved"),
+        ("devices: [{id: '1', pin: 'x', host: h, topic: 'a/b'}]", "devices.0.topic"),
+        ("devices: [{id: '1', pin: 'x', host: 'https://h'}]", "devices.0.host: the meter speaks plain http"),
+        ("devices: [{id: '1', pin: 'x', host: 'h:99999'}]", "devices.0.host: port"),
+        ("devices: [{id: '1', pin: 'x', host: 'h/path'}]", "devices.0.host"),
+        ("devices: [{id: '1', pin: 'x', host: h, timeout: 0}]", "devices.0.timeout"),
+        ("devices: [{id: '1', pin: 'x'}]", "devices.0.host: Field required"),
+        ("devices: [{id: '1', pin: 'x', host: h}, {id: '1', pin: 'y', host: h, topic: t}]", "devices.1.id '1' is also used by devices.0"),
+        ("devices: [{id: '1', pin: 'x', host: h, topic: t}, {id: '2', pin: 'y', host: h, topic: t}]", "devices.1.topic 't' is also used"),
+        ("- just a list", "top level must be a mapping"),
+        ("mqtt: {port: [", "not valid YAML"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")) as info:
+        load_settings(write(tmp_path, text))
+    assert "'x'" not in str(info.value)  # the PIN given in these cases is never echoed
+
+
+def test_secret_values_are_never_echoed(tmp_path: Path) -> None:
+    text = f"devices: [{{id: '1', pin: '{PIN}', host: h, bogus: '{PIN}'}}]\nmqtt: {{password: [{PIN}]}}"
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, text))
+    assert PIN not in str(info.value)
+
+
+def test_unknown_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SMARTMAC_MQQT__HOST", "x")
+    with pytest.raises(ConfigError, match="SMARTMAC_MQQT__HOST"):
+        load_settings()
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_settings(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize(
+    ("host", "url"),
+    [
+        ("192.168.4.1", "http://192.168.4.1"),
+        ("meter.local:8080", "http://meter.local:8080"),
+        ("http://meter.local:8080/", "http://meter.local:8080"),
+        ("[::1]:80", "http://[::1]:80"),
+        ("::1", None),
+    ],
+)
+def test_base_url(host: str, url: str | None) -> None:
+    if url is None:
+        with pytest.raises(ValueError):
+            base_url(host)
+    else:
+        assert base_url(host) == url
