@@ -1,0 +1,198 @@
+"""CLI: `smartmac-bridge [run|simulate|demo|probe]`. The only place that exits the process."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+
+from . import __version__
+from .config import DeviceSettings, Settings, load_settings
+from .errors import ConfigError, MeterError, SmartmacError
+
+logger = logging.getLogger("bridge")
+
+_COMMANDS = ("run", "simulate", "demo", "probe")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(_default_command(list(sys.argv[1:] if argv is None else argv)))
+    logging.basicConfig(
+        level=getattr(logging, args.log_level),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.handler(args))
+    except ConfigError as exc:
+        print(f"smartmac-bridge: {exc}", file=sys.stderr)
+        return 2
+    except SmartmacError as exc:
+        print(f"smartmac-bridge: {exc}", file=sys.stderr)
+        return 1
+
+
+def _default_command(argv: list[str]) -> list[str]:
+    # `smartmac-bridge --config x.yaml` means `smartmac-bridge run --config x.yaml`.
+    if not argv or (argv[0] not in _COMMANDS and argv[0] not in ("-h", "--help", "--version")):
+        return ["run", *argv]
+    return argv
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="smartmac-bridge", description="SMART MAIC Wi-Fi energy meters to MQTT."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=text, description=text)
+        sub.add_argument(
+            "--log-level",
+            default="INFO",
+            type=str.upper,
+            choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+            help="default: INFO",
+        )
+        return sub
+
+    run = command("run", "Run the bridge (the default command).")
+    run.add_argument("--config", metavar="PATH", help="YAML file (default: $SMARTMAC_CONFIG)")
+    run.set_defaults(handler=_run)
+
+    sim = command("simulate", "Serve simulated meters over HTTP, for tests and flows.")
+    sim.add_argument("--port", type=int, required=True)
+    sim.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1")
+    sim.add_argument("--devices", type=int, default=1, metavar="N", help="default: 1")
+    sim.add_argument("--phases", type=int, choices=[1, 3], default=1, help="default: 1")
+    sim.add_argument("--extended", action="store_true", help="extended model (6 s limit)")
+    sim.add_argument(
+        "--delay", type=float, default=0.0, metavar="S", help="answer delay in seconds"
+    )
+    sim.set_defaults(handler=_simulate)
+
+    demo = command("demo", "Embedded broker + two simulated meters + the bridge.")
+    demo.add_argument("--config", metavar="PATH", help="optional YAML file (its devices are ignored)")
+    demo.set_defaults(handler=_demo)
+
+    probe = command("probe", "Ask one meter once and print what it says.")
+    probe.add_argument("--host", required=True, help="host, host:port or http://host:port")
+    probe.add_argument("--id", required=True, help="the meter's devid")
+    probe.add_argument("--pin", required=True, help="the meter's PIN (devpass)")
+    probe.add_argument("--relay", choices=["on", "off"], type=str.lower, help="also switch the relay")
+    probe.add_argument("--timeout", type=float, default=5.0, help="seconds, default 5")
+    probe.add_argument("--inverted", action="store_true", help="relay wired inverted (pout 0 = on)")
+    probe.set_defaults(handler=_probe)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    if not settings.devices:
+        raise ConfigError("devices: no meters configured (see README.md, Configuration)")
+    return serve(settings, settings.devices)
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from .simulator import run_cli
+
+    return run_cli(args.port, args.devices, args.phases, args.extended, host=args.host, delay=args.delay)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .simulator import SimMeter, Simulator
+
+    settings = load_settings(args.config)
+    three = SimMeter(devid="1728053249", pin="012345", phases=3, extended=True)
+    one = SimMeter(devid="1728053250", pin="246810", phases=1, extended=False)
+    with Simulator([three, one]) as sim:
+        host = f"127.0.0.1:{sim.port}"
+        devices = (
+            DeviceSettings(
+                id=three.devid, pin=three.pin, host=host, name="Demo 3-phase",
+                topic="demo3", extended=True,
+            ),
+            DeviceSettings(id=one.devid, pin=one.pin, host=host, name="Demo 1-phase", topic="demo1"),
+        )
+        broker_host, broker_port = _broker_address(settings)
+        base = settings.mqtt.base_topic
+        print(
+            f"Simulated meters at http://{host}/ (ids {three.devid}, {one.devid}).\n"
+            f"Watch:  mosquitto_sub -h {broker_host} -p {broker_port} -t '{base}/#' -v\n"
+            f"Switch: mosquitto_pub -h {broker_host} -p {broker_port} "
+            f"-t '{base}/demo3/relay/set' -m TOGGLE\n"
+            "Stop with Ctrl-C.",
+            flush=True,
+        )
+        return serve(settings, devices)
+
+
+def _broker_address(settings: Settings) -> tuple[str, int]:
+    if settings.mqtt.host is not None:
+        return settings.mqtt.host, settings.mqtt.port
+    return settings.embedded_broker.host, settings.embedded_broker.port
+
+
+def serve(settings: Settings, devices: Sequence[DeviceSettings]) -> int:
+    """Run the bridge (and the embedded broker if no broker is configured) until a signal."""
+    from .service import Bridge
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop.set())
+
+    broker = None
+    host, port = _broker_address(settings)
+    if settings.mqtt.host is None:
+        from .broker import EmbeddedBroker
+
+        broker = EmbeddedBroker(host, port).start()
+        logger.info("no mqtt.host configured: using the embedded broker on %s:%d", host, port)
+    try:
+        bridge = Bridge(tuple(devices), settings.mqtt, host=host, port=port)
+        bridge.start()
+        try:
+            while not stop.wait(1.0):
+                pass
+            logger.info("stopping")
+        finally:
+            bridge.stop()
+    finally:
+        if broker is not None:
+            broker.stop()
+    return 0
+
+
+def _probe(args: argparse.Namespace) -> int:
+    from .config import base_url
+    from .meter import MeterClient
+    from .readings import parse_body
+    from .topics import Relay, pout_for, relay_from_pout
+
+    try:
+        url = base_url(args.host)
+    except ValueError as exc:
+        raise ConfigError(f"--host: {exc}") from None
+    pout = None if args.relay is None else pout_for(Relay(args.relay.upper()), args.inverted)
+    client = MeterClient(url, args.id, args.pin, timeout=args.timeout)
+    try:
+        snap = parse_body(client.fetch(pout))
+    except MeterError as exc:
+        print(f"smartmac-bridge: {exc}", file=sys.stderr)
+        return 1
+    rows = [(r.key, r.name, r.text, r.unit) for r in snap.readings]
+    rows.append(("relay", "pout " + str(snap.pout), relay_from_pout(snap.pout, args.inverted).value, ""))
+    widths = [max(len(row[i]) for row in [("key", "name", "value", "unit"), *rows]) for i in range(4)]
+    print(f"meter {snap.devid} at {url}, meter time {snap.time}")
+    for row in [("key", "name", "value", "unit"), *rows]:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    for key in snap.rejected:
+        print(f"{key}: no numeric value (left out)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""I/O: the paho-mqtt client: connect, last will, publish, subscribe, reconnect.
+
+It remembers the last payload of every retained topic and publishes all of them again after
+every (re)connect: a restarted broker without persistence has forgotten them. While the
+broker is away, retained publishes only update that memory, so an outage costs a bounded
+amount of RAM (one payload per topic) instead of a queue that grows with every poll.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+from collections.abc import Callable
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.reasoncodes import ReasonCode
+
+from .config import MqttSettings
+
+logger = logging.getLogger(__name__)
+
+#: (topic, payload, retain flag) of every message on a subscribed topic.
+MessageHandler = Callable[[str, bytes, bool], None]
+
+
+class MqttLink:
+    """One connection to the broker, kept up for the life of the bridge."""
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        *,
+        host: str,
+        port: int,
+        will_topic: str,
+        subscriptions: list[str],
+        on_message: MessageHandler,
+    ) -> None:
+        self.broker = f"{host}:{port}"
+        self._host = host
+        self._port = port
+        self._qos = settings.qos
+        self._subscriptions = subscriptions
+        self._on_message = on_message
+        self._lock = threading.Lock()
+        self._retained: dict[str, bytes] = {}
+        self._connected = False
+        self._last_problem: str | None = None
+        self.connected = threading.Event()
+        """Set while connected (tests and shutdown wait on it)."""
+
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=settings.client_id,
+            protocol=paho.MQTTv311,  # amqtt speaks no v5; v3.1.1 works everywhere
+            clean_session=True,
+        )
+        if settings.username is not None:
+            password = settings.password.get_secret_value() if settings.password else None
+            client.username_pw_set(settings.username, password)
+        if settings.tls.enabled:
+            tls = settings.tls
+            client.tls_set(
+                ca_certs=str(tls.ca_certs) if tls.ca_certs else None,
+                certfile=str(tls.certfile) if tls.certfile else None,
+                keyfile=str(tls.keyfile) if tls.keyfile else None,
+                cert_reqs=ssl.CERT_REQUIRED,
+            )
+            client.tls_insecure_set(tls.insecure)
+        client.will_set(will_topic, b"offline", qos=1, retain=True)
+        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        client.on_connect = self._handle_connect
+        client.on_connect_fail = self._handle_connect_fail
+        client.on_disconnect = self._handle_disconnect
+        client.on_message = self._handle_message
+        self._client = client
+
+    def start(self) -> None:
+        """Connect in the background; paho keeps retrying until stop()."""
+        logger.info("connecting to MQTT broker %s", self.broker)
+        self._client.connect_async(self._host, self._port, keepalive=30)
+        self._client.loop_start()
+
+    def stop(self, final: list[tuple[str, bytes]], timeout: float = 3.0) -> None:
+        """Publish the `final` retained messages (offline states), disconnect, stop the loop."""
+        infos = []
+        with self._lock:
+            for topic, payload in final:
+                self._retained[topic] = payload
+                if self._connected:
+                    infos.append(self._client.publish(topic, payload, qos=1, retain=True))
+            self._connected = False  # nothing more goes out after the final words
+        for info in infos:
+            try:
+                info.wait_for_publish(timeout)
+            except (RuntimeError, ValueError):
+                break  # the connection went away meanwhile; the will says offline for us
+        self._client.disconnect()
+        self._client.loop_stop()
+        self.connected.clear()
+
+    def publish_retained(self, topic: str, payload: bytes, qos: int | None = None) -> None:
+        """Publish and remember, for the replay after a reconnect."""
+        with self._lock:
+            self._retained[topic] = payload
+            if self._connected:
+                self._client.publish(topic, payload, qos=self._qos if qos is None else qos, retain=True)
+
+    def publish_many(self, messages: list[tuple[str, bytes]]) -> None:
+        """publish_retained for a batch, under one lock acquisition."""
+        with self._lock:
+            self._retained.update(messages)
+            if self._connected:
+                publish, qos = self._client.publish, self._qos
+                for topic, payload in messages:
+                    publish(topic, payload, qos=qos, retain=True)
+
+    def publish_event(self, topic: str, payload: bytes) -> None:
+        """A not-retained message (command results). Lost if the broker is away."""
+        result = self._client.publish(topic, payload, qos=max(self._qos, 1), retain=False)
+        if result.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            logger.debug("could not publish %s now (%s)", topic, result.rc)
+
+    def retained(self, topic: str) -> bytes | None:
+        """The last payload published on a retained topic (None if never)."""
+        with self._lock:
+            return self._retained.get(topic)
+
+    # -- paho callbacks (on paho's network thread) ------------------------------------
+
+    def _handle_connect(
+        self,
+        client: paho.Client,
+        userdata: object,
+        flags: paho.ConnectFlags,
+        reason: ReasonCode,
+        properties: object,
+    ) -> None:
+        if reason.is_failure:
+            # Typically bad credentials: say it once, name the broker (never the password).
+            self._problem(f"MQTT broker {self.broker} refused the connection: {reason}")
+            return
+        for topic in self._subscriptions:
+            client.subscribe(topic, qos=1)
+        with self._lock:
+            self._connected = True
+            # Everything retained, again: after a broker restart it is all gone.
+            for topic, payload in self._retained.items():
+                client.publish(topic, payload, qos=self._qos, retain=True)
+            count = len(self._retained)
+        self.connected.set()
+        self._last_problem = None
+        logger.info("connected to MQTT broker %s; republished %d retained topics", self.broker, count)
+
+    def _handle_connect_fail(self, client: paho.Client, userdata: object) -> None:
+        self._problem(f"cannot reach MQTT broker {self.broker}; retrying")
+
+    def _handle_disconnect(
+        self,
+        client: paho.Client,
+        userdata: object,
+        flags: paho.DisconnectFlags,
+        reason: ReasonCode,
+        properties: object,
+    ) -> None:
+        with self._lock:
+            was_connected, self._connected = self._connected, False
+        self.connected.clear()
+        if was_connected:
+            self._problem(f"lost connection to MQTT broker {self.broker} ({reason}); reconnecting")
+
+    def _handle_message(self, client: paho.Client, userdata: object, message: paho.MQTTMessage) -> None:
+        try:
+            self._on_message(message.topic, message.payload, bool(message.retain))
+        except Exception:  # a bug in a handler must not kill paho's network thread
+            logger.exception("error handling a message on %s", message.topic)
+
+    def _problem(self, text: str) -> None:
+        # Once per change of state; repeats go to debug so a long outage does not flood.
+        if text != self._last_problem:
+            logger.warning("%s", text)
+            self._last_problem = text
+        else:
+            logger.debug("%s", text)
