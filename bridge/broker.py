@@ -200,11 +200,21 @@ class EmbeddedBroker:
         try:
             await stop_requested.wait()
         finally:
-            await broker.shutdown()
+            # amqtt's shutdown can wait forever on a client that is mid-handshake or has
+            # QoS 1 acks in flight; the bridge must still exit promptly. Whatever is left
+            # is cancelled when the Runner closes the loop.
+            try:
+                await asyncio.wait_for(broker.shutdown(), _SHUTDOWN_TIMEOUT)
+            except asyncio.TimeoutError:
+                logger.debug("embedded MQTT broker shutdown cut short after %g s", _SHUTDOWN_TIMEOUT)
 
     def _cancel_serve(self) -> None:
         if self._serve_task is not None:
             self._serve_task.cancel()
+
+
+#: Seconds amqtt's own shutdown may take before the rest is cancelled.
+_SHUTDOWN_TIMEOUT = 1.5
 
 
 def _end_connections_quietly(broker: Broker) -> None:
