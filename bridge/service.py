@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from . import __version__
 from .config import DeviceSettings, MqttSettings, min_gap
-from .errors import CommandError, MeterError
+from .errors import BodyError, CommandError, MeterError
 from .meter import MeterClient
 from .mqtt import MqttLink
 from .readings import Snapshot, parse_body
@@ -236,7 +236,11 @@ class Bridge:
         snap: Snapshot | None = None
         error: MeterError | None = None
         try:
-            snap = parse_body(meter.client.fetch(pout))
+            body = meter.client.fetch(pout)
+            try:
+                snap = parse_body(body)
+            except BodyError as exc:
+                raise BodyError(f"{meter.client.label}: {exc}") from None
             if snap.devid != meter.device.id:
                 raise MeterError(
                     f"{meter.client.label}: answered as devid {snap.devid}, not {meter.device.id}"
@@ -320,9 +324,11 @@ class Bridge:
 
     def _on_message(self, topic: str, payload: bytes, retain: bool) -> None:
         segment = command_segment(self.base, topic)
-        meter = self._meters.get(segment) if segment is not None else None
+        if segment is None:
+            return  # not a command (amqtt replays other clients' retained topics to us)
+        meter = self._meters.get(segment)
         if meter is None:
-            logger.debug("ignoring message on %s: no such meter", topic)
+            logger.debug("ignoring a command on %s: no meter has that topic", topic)
             return
         if retain:
             # A retained command is stale by definition: replaying it would switch the
