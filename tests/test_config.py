@@ -139,3 +139,16 @@ def test_base_url(host: str, url: str | None) -> None:
             base_url(host)
     else:
         assert base_url(host) == url
+
+
+def test_the_shipped_example_is_valid() -> None:
+    settings = load_settings(Path(__file__).parent.parent / "examples" / "config.yaml")
+    assert [d.segment for d in settings.devices] == ["garage", "1728053250"]
+
+
+def test_readme_config_block_is_valid(tmp_path: Path) -> None:
+    # README's configuration example is the contract: it must load exactly as printed.
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = readme.split("```yaml\n", 1)[1].split("```", 1)[0]
+    settings = load_settings(write(tmp_path, block))
+    assert settings.devices[0].poll_interval == 60 and settings.mqtt.host == "127.0.0.1"

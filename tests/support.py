@@ -1,0 +1,164 @@
+"""Test helpers: free ports, a recording MQTT subscriber, mosquitto, simulated devices."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from bridge.config import DeviceSettings
+from bridge.simulator import SimMeter, Simulator
+
+LOOPBACK = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((LOOPBACK, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)  # polling a socket that has no event to wait on
+    raise TimeoutError(f"nothing listens on {LOOPBACK}:{port}")
+
+
+@dataclass
+class BrokerProcess:
+    """Where a test broker listens, and how to restart it (mosquitto only)."""
+
+    kind: str
+    port: int
+    restart: Callable[[], None] | None = None
+
+
+class Mosquitto:
+    def __init__(self, directory: Path, port: int) -> None:
+        self.port = port
+        self.conf = directory / "mosquitto.conf"
+        self.conf.write_text(
+            f"listener {port} {LOOPBACK}\nallow_anonymous true\npersistence false\n"
+        )
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            ["mosquitto", "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        wait_for_port(self.port)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(timeout=5)
+            self.process = None
+
+
+
+@dataclass
+class Message:
+    topic: str
+    payload: bytes
+    retain: bool
+
+    def json(self) -> object:
+        return json.loads(self.payload)
+
+
+@dataclass
+class Probe:
+    """A subscriber that records everything, with waits that end on an event or a timeout."""
+
+    port: int
+    topic: str = "#"
+    messages: list[Message] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._cond = threading.Condition()
+        self._subscribed = threading.Event()
+        # A unique id each: amqtt treats two empty client ids as one session.
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"probe-{uuid.uuid4().hex[:12]}", protocol=paho.MQTTv311
+        )
+        client.on_connect = lambda c, u, f, rc, p: c.subscribe(self.topic, qos=1)
+        client.on_subscribe = lambda *a: self._subscribed.set()
+        client.on_message = self._on_message
+        self.client = client
+
+    def start(self) -> Probe:
+        self.client.connect(LOOPBACK, self.port)
+        self.client.loop_start()
+        assert self._subscribed.wait(10), "probe could not subscribe"
+        return self
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def _on_message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
+        with self._cond:
+            self.messages.append(Message(msg.topic, msg.payload, bool(msg.retain)))
+            self._cond.notify_all()
+
+    def last(self, topic: str) -> Message | None:
+        with self._cond:
+            for message in reversed(self.messages):
+                if message.topic == topic:
+                    return message
+        return None
+
+    def wait_for(
+        self, topic: str, predicate: Callable[[Message], bool] = lambda m: True, timeout: float = 15.0,
+        *, after: int = 0,
+    ) -> Message:
+        """The first message on `topic` (from index `after` on) that satisfies `predicate`."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for message in self.messages[after:]:
+                    if message.topic == topic and predicate(message):
+                        return message
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    seen = [m.payload for m in self.messages if m.topic == topic][-5:]
+                    raise AssertionError(f"no matching message on {topic} within {timeout} s; last: {seen}")
+                self._cond.wait(left)
+
+    def mark(self) -> int:
+        with self._cond:
+            return len(self.messages)
+
+    def publish(self, topic: str, payload: bytes | str, *, retain: bool = False) -> None:
+        self.client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)
+
+
+
+
+def device(sim: Simulator, meter: SimMeter, **options: object) -> DeviceSettings:
+    """The config entry that points the bridge at a simulated meter."""
+    values: dict[str, object] = {
+        "id": meter.devid,
+        "pin": meter.pin,
+        "host": f"{LOOPBACK}:{sim.port}",
+        "extended": meter.extended,
+        "timeout": 2.0,
+    }
+    values.update(options)
+    return DeviceSettings(**values)  # type: ignore[arg-type]
+
+

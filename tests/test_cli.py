@@ -1,0 +1,253 @@
+"""The command line, run as a user runs it: a real process, real signals, real ports."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from support import LOOPBACK, BrokerProcess, Probe, free_port, wait_for_port
+
+from bridge.simulator import SimMeter, Simulator
+
+ROOT = Path(__file__).resolve().parent.parent
+PIN = "470193"
+
+
+class Process:
+    """`python -m bridge ...` with its output in files (a pipe could fill up and block it)."""
+
+    def __init__(self, tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        self.stdout_path = tmp_path / "stdout.txt"
+        self.stderr_path = tmp_path / "stderr.txt"
+        full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}
+        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "bridge", *args], cwd=ROOT, env=full_env, stdout=out, stderr=err
+            )
+
+    @property
+    def stdout(self) -> str:
+        return self.stdout_path.read_text()
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
+
+    def terminate(self, timeout: float = 5.0) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGABRT)
+            self.proc.wait(5)
+            raise AssertionError("did not exit:\n" + self.stderr[-5000:])
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def processes() -> Iterator[list[Process]]:
+    started: list[Process] = []
+    yield started
+    for process in started:
+        process.kill()
+
+
+def write_config(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_run_publishes_and_sigterm_publishes_offline(
+    tmp_path: Path,
+    broker: BrokerProcess,
+    simulator: Callable[..., Simulator],
+    probe_factory: Callable[..., Probe],
+    processes: list[Process],
+) -> None:
+    meter = SimMeter(devid="1728053249", pin=PIN, phases=3, extended=True)
+    sim = simulator([meter])
+    config = write_config(
+        tmp_path,
+        f"""
+mqtt: {{host: {LOOPBACK}, port: {broker.port}, client_id: cli-test}}
+devices:
+  - {{id: "{meter.devid}", pin: "{PIN}", host: "{LOOPBACK}:{sim.port}", topic: garage, extended: true}}
+""",
+    )
+    probe = probe_factory("smartmac/#")
+    bridge = Process(tmp_path, "run", "--config", str(config), "--log-level", "debug")
+    processes.append(bridge)
+    probe.wait_for("smartmac/garage/state")
+    probe.wait_for("smartmac/garage/availability", lambda m: m.payload == b"online")
+    mark = probe.mark()
+
+    assert bridge.terminate() == 0
+    probe.wait_for("smartmac/garage/availability", lambda m: m.payload == b"offline", after=mark, timeout=1)
+    probe.wait_for("smartmac/bridge/availability", lambda m: m.payload == b"offline", after=mark, timeout=1)
+    assert PIN not in bridge.stderr and PIN not in bridge.stdout
+    assert "devpass=***" in bridge.stderr  # urllib3's DEBUG request line, masked
+    assert all(PIN.encode() not in m.payload for m in probe.messages)
+    assert "Traceback" not in bridge.stderr
+
+
+def test_config_via_environment_and_sigint(
+    tmp_path: Path,
+    broker: BrokerProcess,
+    simulator: Callable[..., Simulator],
+    probe_factory: Callable[..., Probe],
+    processes: list[Process],
+) -> None:
+    meter = SimMeter(devid="17", pin=PIN, phases=1, extended=False)
+    sim = simulator([meter])
+    env = {
+        "SMARTMAC_MQTT__HOST": LOOPBACK,
+        "SMARTMAC_MQTT__PORT": str(broker.port),
+        "SMARTMAC_MQTT__BASE_TOPIC": "env/base",
+        "SMARTMAC_DEVICES": f'[{{"id": "17", "pin": "{PIN}", "host": "{LOOPBACK}:{sim.port}"}}]',
+    }
+    probe = probe_factory("env/#")
+    bridge = Process(tmp_path, env=env)  # no subcommand: run
+    processes.append(bridge)
+    probe.wait_for("env/base/17/state")
+    mark = probe.mark()
+    bridge.proc.send_signal(signal.SIGINT)
+    assert bridge.proc.wait(5) == 0
+    probe.wait_for("env/base/bridge/availability", lambda m: m.payload == b"offline", after=mark, timeout=1)
+
+
+def test_embedded_broker_when_no_host_is_configured(
+    tmp_path: Path, simulator: Callable[..., Simulator], processes: list[Process]
+) -> None:
+    meter = SimMeter(devid="17", pin=PIN, phases=1, extended=True)
+    sim = simulator([meter])
+    port = free_port()
+    config = write_config(
+        tmp_path,
+        f"""
+embedded_broker: {{host: {LOOPBACK}, port: {port}}}
+devices: [{{id: "17", pin: "{PIN}", host: "{LOOPBACK}:{sim.port}", extended: true}}]
+""",
+    )
+    bridge = Process(tmp_path, "run", "--config", str(config))
+    processes.append(bridge)
+    wait_for_port(port)
+    probe = Probe(port, "smartmac/#").start()
+    try:
+        assert probe.wait_for("smartmac/17/state").json()["devid"] == "17"
+        late = Probe(port, "smartmac/17/state").start()
+        late.wait_for("smartmac/17/state", lambda m: m.retain, timeout=5)
+        late.stop()
+        assert bridge.terminate() == 0
+    finally:
+        probe.stop()
+    assert f"using the embedded broker on {LOOPBACK}:{port}" in bridge.stderr
+    with pytest.raises(OSError):  # the broker went away with the bridge
+        wait_for_port(port, timeout=0.5)
+
+
+def test_embedded_port_taken_is_a_clear_error(tmp_path: Path, processes: list[Process]) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind((LOOPBACK, 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = write_config(
+            tmp_path,
+            f'embedded_broker: {{port: {port}}}\ndevices: [{{id: "1", pin: "{PIN}", host: {LOOPBACK}}}]\n',
+        )
+        bridge = Process(tmp_path, "run", "--config", str(config))
+        processes.append(bridge)
+        assert bridge.proc.wait(10) == 1
+    assert f"{port}" in bridge.stderr and "already in use" in bridge.stderr
+    assert "Traceback" not in bridge.stderr
+
+
+def test_demo_runs_on_embedded_defaults(tmp_path: Path, processes: list[Process]) -> None:
+    port = free_port()
+    demo = Process(tmp_path, "demo", env={"SMARTMAC_EMBEDDED_BROKER__PORT": str(port)})
+    processes.append(demo)
+    wait_for_port(port)
+    probe = Probe(port, "smartmac/#").start()
+    try:
+        three = probe.wait_for("smartmac/demo3/state").json()
+        one = probe.wait_for("smartmac/demo1/state").json()
+        assert {"V3", "Wh3", "rWh3"} <= set(three) and "V1" in one and "V2" not in one
+        assert f"mosquitto_sub -h 127.0.0.1 -p {port} -t 'smartmac/#' -v" in demo.stdout
+        assert demo.terminate() == 0
+    finally:
+        probe.stop()
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ("devices: [{id: '1', pin: 12, host: h}]", "devices.0.pin: must be a quoted string"),
+        ("mqtt: {hots: x}", "mqtt.hots: unknown key"),
+        ("", "no meters configured"),
+    ],
+)
+def test_config_errors_exit_2_with_the_key(
+    tmp_path: Path, processes: list[Process], config: str, message: str
+) -> None:
+    process = Process(tmp_path, "run", "--config", str(write_config(tmp_path, config)))
+    processes.append(process)
+    assert process.proc.wait(10) == 2
+    assert message in process.stderr and "Traceback" not in process.stderr
+
+
+def test_probe_prints_a_table(
+    tmp_path: Path, simulator: Callable[..., Simulator], processes: list[Process]
+) -> None:
+    meter = SimMeter(devid="1728053249", pin=PIN, phases=3, extended=True)
+    sim = simulator([meter])
+    probe = Process(
+        tmp_path, "probe", "--host", f"{LOOPBACK}:{sim.port}", "--id", meter.devid, "--pin", PIN,
+        "--relay", "on",
+    )
+    processes.append(probe)
+    assert probe.proc.wait(10) == 0, probe.stderr
+    lines = probe.stdout.splitlines()
+    assert lines[1].split() == ["key", "name", "value", "unit"]
+    assert any(line.split()[:3] == ["V1", "Voltage", "1"] and line.endswith("V") for line in lines)
+    assert any(line.startswith("relay") and "ON" in line for line in lines)
+    assert meter.pout == 1
+
+
+def test_probe_wrong_pin_is_a_clear_error(
+    tmp_path: Path, simulator: Callable[..., Simulator], processes: list[Process]
+) -> None:
+    meter = SimMeter(devid="17", pin=PIN, phases=1)
+    sim = simulator([meter])
+    wrong = "555123"
+    probe = Process(tmp_path, "probe", "--host", f"{LOOPBACK}:{sim.port}", "--id", "17", "--pin", wrong)
+    processes.append(probe)
+    assert probe.proc.wait(10) == 1
+    assert "devid/PIN refused" in probe.stderr and wrong not in probe.stderr
+
+
+def test_simulate_serves_and_lists_meters(tmp_path: Path, processes: list[Process]) -> None:
+    import requests
+
+    port = free_port()
+    sim = Process(tmp_path, "simulate", "--port", str(port), "--devices", "2", "--phases", "3", "--extended")
+    processes.append(sim)
+    wait_for_port(port)
+    listed = [line.split() for line in sim.stdout.splitlines() if line[:1].isdigit()]
+    assert len(listed) == 2
+    devid, pin = listed[0][0], listed[0][1]
+    answer = requests.get(
+        f"http://{LOOPBACK}:{port}/", params={"page": "getdata", "devid": devid, "devpass": pin}, timeout=5
+    )
+    assert answer.status_code == 200 and '"V3"' in answer.text
+    assert sim.terminate() == 0

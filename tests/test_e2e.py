@@ -1,0 +1,304 @@
+"""End to end: the real bridge, the simulator over HTTP, a real broker (amqtt and mosquitto).
+
+Extended meters allow one request per 6 s, so a test that needs a second request to the
+same meter waits about 6 s: that is the device's rule, not a sleep.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable
+
+import pytest
+from paho.mqtt.client import topic_matches_sub
+
+from bridge.service import Bridge
+from bridge.simulator import SimMeter, Simulator, make_fleet
+
+from support import BrokerProcess, Probe, device
+
+PIN_3 = "731902"
+PIN_1 = "582064"
+
+
+@pytest.fixture
+def meters() -> tuple[SimMeter, SimMeter]:
+    return (
+        SimMeter(devid="1728053249", pin=PIN_3, phases=3, extended=True),
+        SimMeter(devid="1728053250", pin=PIN_1, phases=1, extended=False),
+    )
+
+
+def test_every_topic_carries_the_meter_values(
+    broker: BrokerProcess,
+    simulator: Callable[..., Simulator],
+    bridge_factory: Callable[..., Bridge],
+    probe_factory: Callable[..., Probe],
+    meters: tuple[SimMeter, SimMeter],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    three, one = meters
+    sim = simulator([three, one])
+    probe = probe_factory("smartmac/#")
+    bridge_factory([device(sim, three, topic="garage", name="Garage"), device(sim, one)])
+
+    probe.wait_for("smartmac/bridge/availability", lambda m: m.payload == b"online")
+    info = probe.wait_for("smartmac/bridge/info").json()
+    assert info["version"]
+    assert info["devices"] == [
+        {"id": three.devid, "name": "Garage", "topic": "garage", "extended": True, "interval": 6.0},
+        {"id": one.devid, "name": one.devid, "topic": one.devid, "extended": False, "interval": 60.0},
+    ]
+    for segment, meter, keys in (("garage", three, 21 + 1), (one.devid, one, 5 + 1)):
+        state = probe.wait_for(f"smartmac/{segment}/state").json()
+        assert state["devid"] == meter.devid and isinstance(state["time"], int)
+        assert state["pout"] == 0 and state["relay"] == "OFF"
+        readings = {k: v for k, v in state.items() if k not in ("devid", "time", "pout", "relay")}
+        assert len(readings) == keys, readings
+        for key, value in readings.items():
+            msg = probe.wait_for(f"smartmac/{segment}/{key}")
+            assert float(msg.payload) == pytest.approx(value), key
+            assert msg.payload == msg.payload.strip()
+        assert probe.wait_for(f"smartmac/{segment}/relay").payload == b"OFF"
+        probe.wait_for(f"smartmac/{segment}/availability", lambda m: m.payload == b"online")
+    assert not [m.topic for m in probe.messages if re.search(r"/br\d", m.topic)]
+    assert set(probe.last("smartmac/garage/state").json()) >= {"V1", "V3", "rWh3", "T"}  # type: ignore[union-attr]
+
+    # A subscriber that comes later gets every topic retained, with its latest payload.
+    latest = {m.topic: m.payload for m in probe.messages}
+    late = probe_factory("smartmac/#")
+    for topic in latest:
+        assert late.wait_for(topic, lambda m: m.retain, timeout=5).payload == probe.last(topic).payload  # type: ignore[union-attr]
+    # B/+/state matches meter states only. (Checked on the topics, not with a second
+    # subscriber: amqtt 0.12.1 sends a new client retained messages for *other* clients'
+    # subscriptions too.)
+    assert {t for t in latest if topic_matches_sub("smartmac/+/state", t)} == {
+        "smartmac/garage/state", f"smartmac/{one.devid}/state"}
+
+    assert sim.total_rate_limited() == 0
+    assert PIN_3 not in caplog.text and PIN_1 not in caplog.text
+
+
+def test_relay_commands_switch_the_meter(
+    broker: BrokerProcess,
+    simulator: Callable[..., Simulator],
+    bridge_factory: Callable[..., Bridge],
+    probe_factory: Callable[..., Probe],
+    meters: tuple[SimMeter, SimMeter],
+) -> None:
+    three, _ = meters
+    sim = simulator([three])
+    probe = probe_factory("smartmac/#")
+    bridge_factory([device(sim, three, topic="garage")])
+    probe.wait_for("smartmac/garage/relay", lambda m: m.payload == b"OFF")
+
+    mark = probe.mark()
+    probe.publish("smartmac/garage/relay/set", "on")
+    result = probe.wait_for("smartmac/garage/relay/result", after=mark, timeout=15)
+    assert result.json() == {"ok": True, "relay": "ON"} and not result.retain
+    assert three.pout == 1 and [v for _, v in three.pout_requests] == [1]
+    # The relay topic was already updated when the result arrived.
+    assert probe.last("smartmac/garage/relay").payload == b"ON"  # type: ignore[union-attr]
+    assert probe.last("smartmac/garage/state").json()["relay"] == "ON"  # type: ignore[union-attr]
+
+    mark = probe.mark()
+    probe.publish("smartmac/garage/relay/set", '{"state": "TOGGLE"}')
+    assert probe.wait_for("smartmac/garage/relay/result", after=mark, timeout=15).json() == {
+        "ok": True, "relay": "OFF"}
+    assert three.pout == 0
+    assert sim.total_rate_limited() == 0
+
+
+def test_inverted_relay_sends_and_reports_the_other_way(
+    broker: BrokerProcess,
+    simulator: Callable[..., Simulator],
+    bridge_factory: Callable[..., Bridge],
+    probe_factory: Callable[..., Probe],
+    meters: tuple[SimMeter, SimMeter],
+) -> None:
+    three, _ = meters
+    sim = simulator([three])
+    probe = probe_factory("smartmac/#")
+    bridge_factory([device(sim, three, topic="garage", relay_inverted=True)])
+    probe.wait_for("smartmac/garage/relay", lambda m: m.payload == b"ON")  # pout 0, inverted
+    mark = probe.mark()
+    probe.publish("smartmac/garage/relay/set", "OFF")
+    assert probe.wait_for("smartmac/garage/relay/result", after=mark).json() == {"ok": True, "relay": "OFF"}
+    assert [v for _, v in three.pout_requests] == [1]
+
+
+def test_bad_and_retained_commands_never_switch(
+    broker: BrokerProcess,
+    simulator: Callable[..., Simulator],
+    bridge_factory: Callable[..., Bridge],
+    probe_factory: Callable[..., Probe],
+    meters: tuple[SimMeter, SimMeter],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    three, _ = meters
+    sim = simulator([three])
+    probe = probe_factory("smartmac/#")
+    # A stale command left retained on the broker before the bridge starts.
+    probe.publish("smartmac/garage/relay/set", "ON", retain=True)
+    bridge_factory([device(sim, three, topic="garage")])
+    probe.wait_for("smartmac/garage/state")
+
+    garbage = [b"", b"ONN", b"2", b'{"state": "DIM"}', b"\xff", b"{" * 1000]
+    for payload in garbage:
+        mark = probe.mark()
+        probe.publish("smartmac/garage/relay/set", payload)
+        result = probe.wait_for("smartmac/garage/relay/result", after=mark).json()
+        assert result["ok"] is False and result["error"], payload
+
+    # The retained ON was ignored: no result for it, and the meter saw no pout at all,
+    # even at its next slot (the state published after it still says OFF).
+    first_state = probe.wait_for("smartmac/garage/state")
+    second_state = probe.wait_for("smartmac/garage/state", after=probe.messages.index(first_state) + 1, timeout=15)
+    assert second_state.json()["relay"] == "OFF"
+    assert three.pout_requests == [] and three.pout == 0
+    results = [m for m in probe.messages if m.topic == "smartmac/garage/relay/result"]
+    assert len(results) == len(garbage)
+    assert "ignored a retained command on smartmac/garage/relay/set" in caplog.text
+    assert sim.total_rate_limited() == 0
+    probe.publish("smartmac/garage/relay/set", b"", retain=True)  # clear it on the broker
+
+
+def test_commands_before_the_slot_coalesce(
+    broker: BrokerProcess,
+    simulator: Callable[..., Simulator],
+    bridge_factory: Callable[..., Bridge],
+    probe_factory: Callable[..., Probe],
+    meters: tuple[SimMeter, SimMeter],
+) -> None:
+    three, _ = meters
+    sim = simulator([three])
+    probe = probe_factory("smartmac/#")
+    bridge_factory([device(sim, three, topic="garage")])
+    probe.wait_for("smartmac/garage/relay", lambda m: m.payload == b"OFF")
+    mark = probe.mark()
+    for payload in ("ON", "OFF", "ON"):
+        probe.publish("smartmac/garage/relay/set", payload)
+    probe.wait_for("smartmac/garage/relay/result", lambda m: m.json().get("ok") is True, after=mark)
+    results = [m.json() for m in probe.messages[mark:] if m.topic == "smartmac/garage/relay/result"]
+    assert results == [
+        {"ok": False, "error": "superseded"},
+        {"ok": False, "error": "superseded"},
+        {"ok": True, "relay": "ON"},
+    ]
+    assert [v for _, v in three.pout_requests] == [1]
+    assert sim.total_rate_limited() == 0
+
+
+def test_availability_goes_offline_after_three_failures_and_back(
+    broker: BrokerProcess,
+    simulator: Callable[..., Simulator],
+    bridge_factory: Callable[..., Bridge],
+    probe_factory: Callable[..., Probe],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    (meter,) = make_fleet(1, phases=1, extended=True)
+    sim = simulator([meter])
+    sim.set_fault(meter.devid, "http500")
+    probe = probe_factory("smartmac/#")
+    bridge_factory([device(sim, meter, topic="m")])
+
+    # Offline from the start (no good read yet), and it stays so through the failures.
+    probe.wait_for("smartmac/m/availability", lambda m: m.payload == b"offline", timeout=5)
+    mark = probe.mark()
+    assert meter.requests >= 1
+    # Nothing from a failed read is published.
+    assert probe.last("smartmac/m/state") is None
+    sim.set_fault(meter.devid, "ok")
+    online = probe.wait_for("smartmac/m/availability", lambda m: m.payload == b"online", after=mark, timeout=20)
+    assert probe.last("smartmac/m/state") is not None
+    assert caplog.text.count("HTTP 500") >= 1
+    # Logged once per change of state: the repeats went to debug.
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING and "HTTP 500" in r.getMessage()]
+    assert len(warnings) == 1
+    assert meter.pin not in caplog.text
+
+
+def test_offline_after_three_failures_of_a_meter_that_was_online(
+    broker: BrokerProcess,
+    simulator: Callable[..., Simulator],
+    bridge_factory: Callable[..., Bridge],
+    probe_factory: Callable[..., Probe],
+) -> None:
+    (meter,) = make_fleet(1, phases=1, extended=True)
+    sim = simulator([meter])
+    probe = probe_factory("smartmac/#")
+    bridge_factory([device(sim, meter, topic="m")])
+    probe.wait_for("smartmac/m/availability", lambda m: m.payload == b"online")
+    # Break it just after a fresh poll, so no request is in flight across the switch.
+    probe.wait_for("smartmac/m/relay", after=probe.mark())
+    sim.set_fault(meter.devid, "truncated")
+    mark = probe.mark()
+    before = meter.requests
+    probe.wait_for("smartmac/m/availability", lambda m: m.payload == b"offline", after=mark, timeout=25)
+    assert meter.requests - before == 3
+    states = [m for m in probe.messages[mark:] if m.topic == "smartmac/m/state"]
+    assert states == []
+
+
+def test_wrong_pin_is_an_error_and_never_logged(
+    broker: BrokerProcess,
+    simulator: Callable[..., Simulator],
+    bridge_factory: Callable[..., Bridge],
+    probe_factory: Callable[..., Probe],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    (meter,) = make_fleet(1, phases=1, extended=True)
+    sim = simulator([meter])
+    probe = probe_factory("smartmac/#")
+    wrong = "864209"
+    bridge_factory([device(sim, meter, topic="m", pin=wrong)])
+    probe.wait_for("smartmac/m/availability", lambda m: m.payload == b"offline")
+    assert meter.bad_pin >= 1 and meter.ok == 0
+    assert "devid/PIN refused" in caplog.text
+    assert wrong not in caplog.text
+    assert all(wrong.encode() not in m.payload for m in probe.messages)
+
+
+def test_republishes_everything_after_a_broker_restart(
+    broker: BrokerProcess,
+    simulator: Callable[..., Simulator],
+    bridge_factory: Callable[..., Bridge],
+    probe_factory: Callable[..., Probe],
+    meters: tuple[SimMeter, SimMeter],
+) -> None:
+    if broker.restart is None:
+        pytest.skip("only the mosquitto fixture can be restarted")
+    three, one = meters
+    sim = simulator([three, one])
+    probe = probe_factory("smartmac/#")
+    bridge = bridge_factory([device(sim, three, topic="garage"), device(sim, one, topic="one")])
+    probe.wait_for("smartmac/one/state")
+    probe.wait_for("smartmac/garage/state")
+    before = {m.topic: m.payload for m in probe.messages}
+    probe.stop()
+
+    broker.restart()  # no persistence: every retained message is gone
+    topics = ("smartmac/bridge/availability", "smartmac/bridge/info", "smartmac/one/state",
+              "smartmac/one/V1", "smartmac/one/relay", "smartmac/one/availability",
+              "smartmac/garage/state", "smartmac/garage/availability")
+    # Whether this probe connects before or after the bridge's replay, it sees every topic.
+    fresh = probe_factory("smartmac/#")
+    for topic in topics:
+        fresh.wait_for(topic, timeout=5)
+    # ...and what it saw is retained on the new broker again.
+    again = probe_factory("smartmac/#")
+    for topic in topics:
+        message = again.wait_for(topic, lambda m: m.retain, timeout=5)
+        if topic.startswith("smartmac/one/"):
+            assert message.payload == before[topic]  # the standard meter has not been polled again
+    assert bridge.link.connected.is_set()
+    # Commands work again after the restart.
+    mark = fresh.mark()
+    fresh.publish("smartmac/garage/relay/set", "ON")
+    assert fresh.wait_for("smartmac/garage/relay/result", after=mark).json() == {"ok": True, "relay": "ON"}
+    assert sim.total_rate_limited() == 0
