@@ -126,15 +126,21 @@ class MeterClient:
         # own messages carry the URL and so the PIN.
         seen: set[int] = set()
         stack: list[BaseException] = [exc]
+        fallback = type(exc).__name__
         while stack:
             current = stack.pop()
             if id(current) in seen:
                 continue
             seen.add(id(current))
-            if isinstance(current, OSError) and current.strerror:
-                return current.strerror.replace(self._pin, "***")
+            # requests' own errors are OSErrors too, but their text is the URL: skip them.
+            if isinstance(current, OSError) and not isinstance(current, requests.RequestException):
+                if current.strerror:  # "Connection refused"
+                    return current.strerror.replace(self._pin, "***")
+                if fallback == type(exc).__name__ and str(current):
+                    # e.g. RemoteDisconnected: "Remote end closed connection without response"
+                    fallback = _DEVPASS.sub(r"\1***", str(current)).replace(self._pin, "***")
             stack.extend(a for a in current.args if isinstance(a, BaseException))
             for linked in (current.__cause__, current.__context__, getattr(current, "reason", None)):
                 if isinstance(linked, BaseException):
                     stack.append(linked)
-        return type(exc).__name__
+        return fallback

@@ -1,0 +1,111 @@
+"""meter.MeterClient over real HTTP against the simulator's fault modes."""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Callable
+
+import pytest
+from support import LOOPBACK, free_port
+
+from bridge.errors import (
+    BodyError,
+    MeterAuthError,
+    MeterError,
+    MeterHTTPError,
+    MeterRateLimited,
+    MeterUnreachable,
+)
+from bridge.meter import MAX_BODY, MeterClient
+from bridge.readings import parse_body
+from bridge.simulator import SimMeter, Simulator
+
+PIN = "918273"
+
+
+@pytest.fixture
+def setup(simulator: Callable[..., Simulator]) -> tuple[Simulator, SimMeter]:
+    meter = SimMeter(devid="1728053249", pin=PIN, phases=3, extended=True)
+    return simulator([meter], tolerance=6.0), meter  # tolerance: back-to-back requests allowed
+
+
+def client(sim: Simulator, meter: SimMeter, *, pin: str = PIN, timeout: float = 1.0) -> MeterClient:
+    return MeterClient(f"http://{LOOPBACK}:{sim.port}", meter.devid, pin, timeout=timeout)
+
+
+def assert_no_pin(exc: BaseException, pin: str = PIN) -> None:
+    # Neither the message nor anything chained to it may carry the PIN.
+    text = "".join(traceback.format_exception(exc))
+    assert pin not in text, text
+    assert exc.__cause__ is None and (exc.__context__ is None or exc.__suppress_context__)
+
+
+def test_good_answer(setup: tuple[Simulator, SimMeter]) -> None:
+    sim, meter = setup
+    snap = parse_body(client(sim, meter).fetch())
+    assert snap.devid == meter.devid and len(snap.readings) == 22
+
+
+def test_pout_switches(setup: tuple[Simulator, SimMeter]) -> None:
+    sim, meter = setup
+    assert parse_body(client(sim, meter).fetch(pout=1)).pout == 1
+    assert meter.pout == 1
+
+
+@pytest.mark.parametrize(
+    ("fault", "error", "text"),
+    [
+        ("refuse", MeterUnreachable, "closed connection without response"),
+        ("hang", MeterUnreachable, "no answer within 1 s"),
+        ("drip", MeterUnreachable, "not complete within 1 s"),
+        ("http500", MeterHTTPError, "HTTP 500"),
+        ("http429", MeterRateLimited, "HTTP 429"),
+        ("huge", BodyError, f"longer than {MAX_BODY} bytes"),
+    ],
+)
+def test_faults_are_meter_errors_without_the_pin(
+    setup: tuple[Simulator, SimMeter], fault: str, error: type[MeterError], text: str
+) -> None:
+    sim, meter = setup
+    sim.set_fault(meter.devid, fault)
+    began = time.monotonic()
+    with pytest.raises(error, match=text) as info:
+        client(sim, meter).fetch()
+    assert time.monotonic() - began < 3  # bounded by the 1 s timeout, whatever the fault
+    assert str(info.value).startswith(f"meter {meter.devid} at http://{LOOPBACK}:{sim.port}")
+    assert_no_pin(info.value)
+
+
+@pytest.mark.parametrize(("fault", "text"), [("html", "HTML"), ("truncated", "not valid JSON"), ("no_data", "'data'")])
+def test_broken_bodies_fail_in_the_parser(setup: tuple[Simulator, SimMeter], fault: str, text: str) -> None:
+    sim, meter = setup
+    sim.set_fault(meter.devid, fault)
+    body = client(sim, meter).fetch()
+    with pytest.raises(BodyError, match=text):
+        parse_body(body)
+
+
+def test_wrong_pin(setup: tuple[Simulator, SimMeter]) -> None:
+    sim, meter = setup
+    wrong = "404404"
+    with pytest.raises(MeterAuthError, match="devid/PIN refused") as info:
+        client(sim, meter, pin=wrong).fetch()
+    assert_no_pin(info.value, wrong)
+
+
+def test_real_rate_limit(simulator: Callable[..., Simulator]) -> None:
+    meter = SimMeter(devid="17", pin=PIN, phases=1, extended=False)
+    sim = simulator([meter])
+    c = client(sim, meter)
+    c.fetch()
+    with pytest.raises(MeterRateLimited):
+        c.fetch()
+    assert meter.rate_limited == 1
+
+
+def test_connection_refused_on_a_closed_port() -> None:
+    c = MeterClient(f"http://{LOOPBACK}:{free_port()}", "17", PIN, timeout=1)
+    with pytest.raises(MeterUnreachable, match="Connection refused") as info:
+        c.fetch()
+    assert_no_pin(info.value)
