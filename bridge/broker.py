@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     import asyncio
 
     from amqtt.broker import Broker
+    from amqtt.session import Session
 
 logger = logging.getLogger(__name__)
 
@@ -195,6 +196,7 @@ class EmbeddedBroker:
         self._serve_task = asyncio.current_task()
         broker = broker_class(amqtt_config(self.host, self.port))  # needs the running loop
         _end_connections_quietly(broker)
+        _replay_only_own_subscriptions(broker)
         await broker.start()
         self._ready.set()
         try:
@@ -242,6 +244,26 @@ def _end_connections_quietly(broker: Broker) -> None:
             writer.close()
 
     broker.stream_connected = serve_until_cut  # type: ignore[method-assign]
+
+
+def _replay_only_own_subscriptions(broker: Broker) -> None:
+    """Send a connecting client the retained messages of its own subscriptions only.
+
+    amqtt 0.12.1, on every CONNECT, replays the retained messages matching *every* client's
+    subscriptions to the newcomer. With a `mosquitto_sub -t 'smartmac/#'` running, each
+    `mosquitto_pub` of a relay command got the whole retained state pushed at it and
+    disconnected before its own PUBLISH was read: the command was lost. The replay method
+    is also what answers a real SUBSCRIBE, after the subscription is recorded, so keeping
+    the calls whose session holds that subscription keeps the correct behaviour.
+    """
+    replay = broker._publish_retained_messages_for_subscription
+
+    async def replay_if_subscribed(subscription: tuple[str, int], session: Session) -> None:
+        holders = broker._subscriptions.get(subscription[0], ())
+        if any(holder.client_id == session.client_id for holder, _ in holders):
+            await replay(subscription, session)
+
+    broker._publish_retained_messages_for_subscription = replay_if_subscribed  # type: ignore[method-assign]
 
 
 def _quiet_amqtt_loggers() -> None:

@@ -325,7 +325,7 @@ class Bridge:
     def _on_message(self, topic: str, payload: bytes, retain: bool) -> None:
         segment = command_segment(self.base, topic)
         if segment is None:
-            return  # not a command (amqtt replays other clients' retained topics to us)
+            return  # not a command (some brokers push other clients' retained topics at us)
         meter = self._meters.get(segment)
         if meter is None:
             logger.debug("ignoring a command on %s: no meter has that topic", topic)

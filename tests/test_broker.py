@@ -342,17 +342,42 @@ def test_amqtt_forgets_retained_messages_on_stop(port: int) -> None:
     assert first.topic == marker
 
 
-def test_amqtt_pushes_retained_messages_to_a_client_that_never_subscribed(
+def test_a_new_client_gets_no_retained_messages_it_did_not_subscribe_to(
     embedded: EmbeddedBroker, probes: Callable[[], Probe]
 ) -> None:
-    # On every CONNECT amqtt replays the retained messages matching *any* client's
-    # subscriptions to the newcomer (at QoS 0). A client must ignore topics it did not
-    # subscribe to.
+    # amqtt 0.12.1 replays the retained messages of *every* client's subscriptions to each
+    # newcomer; broker.py limits the replay to the newcomer's own subscriptions.
     state = topic("state")
     probes().publish(state, b"ON", retain=True)
     probes().subscribe(state)
 
     newcomer = probes()
+    newcomer.subscribe(topic("nothing-here"))  # a round trip: anything queued before has arrived
+    assert newcomer.messages.empty()
+    newcomer.subscribe(state)  # its own subscription still gets the retained message
     message = newcomer.next_message()
+    assert (message.topic, message.payload, message.retain) == (state, b"ON", True)
 
-    assert (message.topic, message.payload, message.retain, message.qos) == (state, b"ON", True, 0)
+
+def test_publish_and_disconnect_is_not_lost_while_a_wildcard_subscriber_exists(
+    embedded: EmbeddedBroker, probes: Callable[[], Probe]
+) -> None:
+    # The mosquitto_pub pattern: connect, publish QoS 0, disconnect at once. With the replay
+    # above unpatched, a `#` subscriber made the broker drop these publishes.
+    base = topic("x")
+    owner = probes()
+    for index in range(50):
+        owner.publish(f"{base}/retained/{index}", b"r", retain=True)
+    watcher = probes()
+    watcher.subscribe(f"{base}/#")
+    commands = probes()
+    commands.subscribe(f"{base}/cmd")
+    for index in range(5):
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"pub-{index}", protocol=mqtt.MQTTv311)
+        client.connect(HOST, embedded.port)
+        client.loop_start()
+        client.publish(f"{base}/cmd", str(index).encode(), qos=0).wait_for_publish(WAIT)
+        client.disconnect()
+        client.loop_stop()
+    received = sorted(commands.next_message().payload for _ in range(5))
+    assert received == [b"0", b"1", b"2", b"3", b"4"]
