@@ -23,7 +23,12 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from .errors import ConfigError
 
@@ -119,11 +124,11 @@ class DeviceSettings(_Model):
     """Topic segment; default: the id."""
     extended: bool = False
     """Extended model: one request per 6 s is allowed instead of one per 60 s."""
-    interval: float | None = None
-    """Seconds between polls; default 60 (standard) or 6 (extended)."""
+    interval: float | None = Field(None, allow_inf_nan=False, le=86400)
+    """Seconds between polls; default 60 (standard) or 6 (extended); at most a day."""
     relay_inverted: bool = False
     """False: pout 1 means relay ON, both reported and sent."""
-    timeout: float = Field(5.0, gt=0, le=30)
+    timeout: float = Field(5.0, gt=0, le=30, allow_inf_nan=False)
     """Seconds one HTTP request may take, connect to last byte."""
 
     @field_validator("id", mode="before")
@@ -272,6 +277,10 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
         return Settings(**data)
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from None
+    except SettingsError as exc:
+        # e.g. SMARTMAC_DEVICES that is not valid JSON. pydantic-settings' text names the
+        # field; the value is not in it (checked in test_config).
+        raise ConfigError(f"invalid configuration from the environment: {exc}") from None
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -92,6 +92,10 @@ def test_empty_host_from_environment_means_embedded(monkeypatch: pytest.MonkeyPa
         ("devices: [{id: '1', pin: 'x', host: 'h:99999'}]", "devices.0.host: port"),
         ("devices: [{id: '1', pin: 'x', host: 'h/path'}]", "devices.0.host"),
         ("devices: [{id: '1', pin: 'x', host: h, timeout: 0}]", "devices.0.timeout"),
+        ("devices: [{id: '1', pin: 'x', host: h, timeout: .nan}]", "devices.0.timeout"),
+        ("devices: [{id: '1', pin: 'x', host: h, interval: .nan}]", "devices.0.interval"),
+        ("devices: [{id: '1', pin: 'x', host: h, interval: .inf}]", "devices.0.interval"),
+        ("devices: [{id: '1', pin: 'x', host: h, interval: 1e10}]", "devices.0.interval"),
         ("devices: [{id: '1', pin: 'x'}]", "devices.0.host: Field required"),
         ("devices: [{id: '1', pin: 'x', host: h}, {id: '1', pin: 'y', host: h, topic: t}]", "devices.1.id '1' is also used by devices.0"),
         ("devices: [{id: '1', pin: 'x', host: h, topic: t}, {id: '2', pin: 'y', host: h, topic: t}]", "devices.1.topic 't' is also used"),
@@ -116,6 +120,18 @@ def test_unknown_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SMARTMAC_MQQT__HOST", "x")
     with pytest.raises(ConfigError, match="SMARTMAC_MQQT__HOST"):
         load_settings()
+
+
+def test_devices_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SMARTMAC_DEVICES", f'[{{"id": "17", "pin": "{PIN}", "host": "h"}}]')
+    assert load_settings().devices[0].id == "17"
+
+
+def test_bad_json_in_the_environment_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SMARTMAC_DEVICES", f'[{{"id": "17", "pin": "{PIN}"')
+    with pytest.raises(ConfigError, match="devices") as info:
+        load_settings()
+    assert PIN not in str(info.value)
 
 
 def test_missing_file(tmp_path: Path) -> None:
