@@ -70,9 +70,10 @@ def parse_body(body: bytes | str) -> Snapshot:
     data = doc.get("data")
     if not isinstance(data, dict):
         raise BodyError("answer has no 'data' object")
-    devid = _text(doc.get("devid"))
-    if devid is None or not devid.isdigit():
-        raise BodyError("answer has no valid 'devid'")
+    devid = str(_integer(doc.get("devid"), "devid"))
+    raw_devid = doc.get("devid")
+    if isinstance(raw_devid, str):
+        devid = raw_devid.strip()  # keep leading zeros as the meter sent them
     time = _integer(doc.get("time"), "time")
     pout = _integer(doc.get("pout"), "pout")
     if pout not in (0, 1):

@@ -41,6 +41,11 @@ def test_clean_json_parses_the_same() -> None:
     assert parse_body(clean) == parse_body(SEED)
 
 
+def test_numeric_envelope_from_clean_json_firmware() -> None:
+    snap = parse_body(b'{"devid": 17, "time": 100, "pout": 1, "data": {}}')
+    assert (snap.devid, snap.time, snap.pout) == ("17", 100, 1)
+
+
 def test_str_and_bytes_agree() -> None:
     assert parse_body(SEED.decode()) == parse_body(SEED)
 
