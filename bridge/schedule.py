@@ -33,6 +33,7 @@ class Timing:
     planned: float
     """When the next poll is planned (lag is measured against this)."""
     last_start: float = float("-inf")
+    """When the last request counts as started for the gap (see Scheduler.finished)."""
     in_flight: bool = False
     urgent: bool = False
     """A command waits: go at the earliest moment the gap allows."""
@@ -82,20 +83,26 @@ class Scheduler(Generic[K]):
             ready.append((key, due))
         return ready
 
-    def finished(self, key: K, started: float, *, command: bool = False) -> None:
-        """The request that started at `started` (monotonic) is over; plan the next one.
+    def finished(self, key: K, started: float, ended: float, *, command: bool = False) -> None:
+        """The request that ran from `started` to `ended` (monotonic) is over; plan the next.
+
+        The meter counts its gap from when a request *arrives*, which is somewhere between
+        our start and the answer (later than the start if a SYN was lost, say). Counting
+        ours from max(started, ended - GUARD), and starting the next one a gap plus GUARD
+        after that, puts the next arrival at least a full gap after this one whatever the
+        network did; a fast answer costs nothing, a slow one shifts that meter's cadence.
 
         `command`: the request carried a relay command. It stands in for the next poll, so
         the cadence restarts from it."""
         timing = self._timing[key]
         timing.in_flight = False
-        timing.last_start = started
+        timing.last_start = max(started, ended - GUARD)
         if command:
             timing.planned = started + timing.interval
         else:
             # Keep the cadence when on time; when late, never plan inside the gap (the lag
             # would otherwise grow by GUARD every cycle on a meter polled at its minimum).
-            timing.planned = max(timing.planned + timing.interval, started + timing.gap)
+            timing.planned = max(timing.planned + timing.interval, timing.last_start + timing.gap)
         self._push(key, timing)
 
     def hurry(self, key: K) -> None:
