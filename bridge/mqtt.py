@@ -83,30 +83,27 @@ class MqttLink:
         self._client.connect_async(self._host, self._port, keepalive=30)
         self._client.loop_start()
 
-    def stop(self, final: list[tuple[str, bytes]], timeout: float = 3.0) -> None:
-        """Publish the `final` retained messages (offline states), disconnect, stop the loop."""
-        infos = []
+    def stop(self, final: list[tuple[str, bytes]], timeout: float = 2.0) -> None:
+        """Publish the `final` retained messages (offline states), disconnect, stop the loop.
+
+        Waits at most `timeout` in all for the broker to take them: a stalled broker must
+        not hold up the exit (the last will says offline for the bridge then)."""
+        last = None
         with self._lock:
             for topic, payload in final:
                 self._retained[topic] = payload
                 if self._connected:
-                    infos.append(self._client.publish(topic, payload, qos=1, retain=True))
+                    last = self._client.publish(topic, payload, qos=1, retain=True)
             self._connected = False  # nothing more goes out after the final words
-        for info in infos:
+        if last is not None:
             try:
-                info.wait_for_publish(timeout)
+                # paho sends in order, so the last one acknowledged means all were sent.
+                last.wait_for_publish(timeout)
             except (RuntimeError, ValueError):
-                break  # the connection went away meanwhile; the will says offline for us
+                pass  # the connection went away meanwhile
         self._client.disconnect()
         self._client.loop_stop()
         self.connected.clear()
-
-    def publish_retained(self, topic: str, payload: bytes, qos: int | None = None) -> None:
-        """Publish and remember, for the replay after a reconnect."""
-        with self._lock:
-            self._retained[topic] = payload
-            if self._connected:
-                self._client.publish(topic, payload, qos=self._qos if qos is None else qos, retain=True)
 
     def publish_many(self, messages: list[tuple[str, bytes]]) -> None:
         """publish_retained for a batch, under one lock acquisition."""
@@ -146,6 +143,7 @@ class MqttLink:
             client.subscribe(topic, qos=1)
         with self._lock:
             self._connected = True
+            _drop_unsent_retained(client)
             # Everything retained, again: after a broker restart it is all gone.
             for topic, payload in self._retained.items():
                 client.publish(topic, payload, qos=self._qos, retain=True)
@@ -184,3 +182,21 @@ class MqttLink:
             self._last_problem = text
         else:
             logger.debug("%s", text)
+
+
+def _drop_unsent_retained(client: paho.Client) -> None:
+    """Forget retained QoS 1/2 publishes paho still holds from the last connection.
+
+    paho re-sends them right after on_connect returns, i.e. after our replay of the latest
+    values, so an older payload would overwrite a newer one on the broker (seen with
+    qos: 1 across a broker restart). The replay covers every retained topic. paho has no
+    public call for this; its private queue is used with its own lock, and skipped if a
+    future paho renames it.
+    """
+    lock = getattr(client, "_out_message_mutex", None)
+    messages = getattr(client, "_out_messages", None)
+    if lock is None or messages is None:
+        return
+    with lock:
+        for mid in [mid for mid, message in messages.items() if message.retain]:
+            del messages[mid]
