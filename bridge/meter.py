@@ -116,7 +116,10 @@ class MeterClient:
 
     def _status_error(self, status: int) -> MeterError:
         if status == 429:
-            return MeterRateLimited(f"{self.label}: HTTP 429, asked too often")
+            return MeterRateLimited(
+                f"{self.label}: HTTP 429, asked too often (another client polling it, a"
+                " standard meter configured as extended, or a restart within its limit)"
+            )
         if status in (401, 403):
             return MeterAuthError(f"{self.label}: HTTP {status}, devid/PIN refused")
         return MeterHTTPError(f"{self.label}: HTTP {status}")

@@ -1,17 +1,18 @@
 """Glue: schedule -> meter -> readings -> topics -> MQTT, plus commands and availability.
 
-Threads: one scheduler thread decides who is due; a pool of workers does the HTTP (a slow
-or dead meter holds one worker, never the others); paho's network thread delivers commands.
-Shared state lives under one Condition; no HTTP or MQTT I/O is done while holding it.
+Threads: one scheduler thread decides who is due; daemon workers do the HTTP (a slow or
+dead meter holds one worker, never the others); paho's network thread delivers commands.
+Shared state lives under one Condition. HTTP is never done while holding it; MQTT
+publishes under it only queue into paho.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import __version__
@@ -44,18 +45,21 @@ logger = logging.getLogger(__name__)
 
 #: Consecutive failed requests after which a meter is published offline.
 FAILURES_OFFLINE = 3
-#: Upper bound on concurrent requests. Requests are short; only dead meters hold a worker
-#: for their whole timeout, so this leaves room for many of them before others wait.
-MAX_WORKERS = 64
+#: Most requests in flight at once. Healthy requests take milliseconds; only dead meters
+#: hold a worker for their whole timeout, so this leaves room for hundreds of them.
+MAX_WORKERS = 256
+#: Seconds a command gets beyond its 2 intervals. The second slot after a command comes a
+#: gap plus the 50 ms guard plus the meter's answer time after the first: without this,
+#: a command arriving just after a poll would miss its one repeat by a few milliseconds.
+COMMAND_SLACK = 1.0
 
 
 @dataclass(slots=True, eq=False)
 class Command:
-    """A relay command waiting for, or being confirmed by, the meter."""
+    """A relay command: waiting for its slot, in flight, or waiting to be repeated."""
 
     target: Relay
     deadline: float
-    sent: bool = False
 
 
 @dataclass(slots=True, eq=False)
@@ -70,7 +74,62 @@ class Meter:
     relay: Relay | None = None
     last_error: str | None = None
     command: Command | None = None
+    """The newest command not yet confirmed: what the next request carries."""
+    sending: Command | None = None
+    """The command carried by the request in flight, if any."""
     rejected_logged: set[str] = field(default_factory=set)
+
+
+class Workers:
+    """Daemon worker threads, started as needed up to a limit.
+
+    Not ThreadPoolExecutor: its threads are joined at interpreter exit, so a request
+    hanging on a dead meter would hold up the bridge's exit for the whole timeout.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._queue: queue.SimpleQueue[tuple[Callable[..., None], tuple[object, ...]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._lock = threading.Lock()
+        self._threads = 0
+        self._idle = 0
+        self._pending = 0
+
+    def submit(self, job: Callable[..., None], *args: object) -> None:
+        with self._lock:
+            self._pending += 1
+            spawn = self._pending > self._idle and self._threads < self._limit
+            if spawn:
+                self._threads += 1
+        if spawn:
+            threading.Thread(target=self._work, name=f"meter-{self._threads}", daemon=True).start()
+        self._queue.put((job, args))
+
+    def shutdown(self) -> None:
+        """Idle workers exit; busy ones exit after their request (or with the process)."""
+        with self._lock:
+            count = self._threads
+        for _ in range(count):
+            self._queue.put(None)
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                self._idle += 1
+            item = self._queue.get()
+            with self._lock:
+                self._idle -= 1
+                if item is not None:
+                    self._pending -= 1
+            if item is None:
+                return
+            job, args = item
+            try:
+                job(*args)
+            except Exception:  # a bug must cost one request, not the worker
+                logger.exception("unexpected error in a meter request")
 
 
 class Bridge:
@@ -90,7 +149,8 @@ class Bridge:
             client = MeterClient(
                 device.url, device.id, device.pin.get_secret_value(), timeout=device.timeout
             )
-            self._meters[device.segment] = Meter(device, client, MeterTopics(self.base, device.segment))
+            topics = MeterTopics(self.base, device.segment)
+            self._meters[device.segment] = Meter(device, client, topics)
         self._availability = bridge_availability(self.base)
         self.link = MqttLink(
             mqtt,
@@ -103,15 +163,11 @@ class Bridge:
         self._cond = threading.Condition()
         self._schedule: Scheduler[str] = Scheduler()
         self._stopping = False
-        self._pool = ThreadPoolExecutor(
-            max_workers=max(1, min(MAX_WORKERS, len(self._meters))),
-            thread_name_prefix="meter",
-        )
+        self._workers = Workers(MAX_WORKERS)
         self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
+        # Segments of the meters with a command: an index, so the scheduler loop does not
+        # scan every meter on every wake-up.
         self._waiting: set[str] = set()
-        """Segments of the meters that have a command pending."""
-        self.lags: deque[float] = deque(maxlen=100_000)
-        """Start minus planned time of recent requests, seconds (for the benchmark)."""
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -129,11 +185,10 @@ class Bridge:
                 for m in self._meters.values()
             ),
         )
-        # Published (and remembered for every reconnect) before the first connect.
-        self.link.publish_many(
-            [(self._availability, ONLINE), (bridge_info(self.base), info)]
-            + [(m.topics.availability, OFFLINE) for m in self._meters.values()]
-        )
+        # Published (and remembered for every reconnect) before the first connect. A meter's
+        # availability is first published by its first read: online, or offline after 3
+        # failures.
+        self.link.publish_many([(self._availability, ONLINE), (bridge_info(self.base), info)])
         now = time.monotonic()
         with self._cond:
             for segment, meter in self._meters.items():
@@ -148,29 +203,31 @@ class Bridge:
         logger.info("bridge started with %d meter(s) under %s/", len(self._meters), self.base)
 
     def stop(self) -> None:
-        """Fail waiting commands, publish offline everywhere, disconnect. Returns promptly."""
+        """Fail open commands, publish offline everywhere, disconnect. Returns promptly."""
         with self._cond:
             if self._stopping:
                 return
             self._stopping = True
-            waiting = [self._meters[segment] for segment in self._waiting]
-            for meter in waiting:
-                meter.command = None
+            open_results = []
+            for meter in self._meters.values():
+                # The waiting command and, if different, the one in flight: one result each.
+                open_commands = len({meter.command, meter.sending} - {None})
+                open_results += [meter.topics.relay_result] * open_commands
+                meter.command = meter.sending = None
             self._waiting.clear()
             self._cond.notify_all()
-        for meter in waiting:
-            self.link.publish_event(meter.topics.relay_result, result_error("bridge shutting down"))
-        # Requests in flight are abandoned (each ends by its own timeout); their results are
-        # dropped because _stopping is set.
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        for topic in open_results:
+            self.link.publish_event(topic, result_error("bridge shutting down"))
+        # Requests in flight are abandoned (each ends by its own timeout, or with the
+        # process); their results are dropped because _stopping is set.
+        self._workers.shutdown()
         final = [(m.topics.availability, OFFLINE) for m in self._meters.values()]
         final.append((self._availability, OFFLINE))
         self.link.stop(final)
-        if self._thread.is_alive():
-            self._thread.join(timeout=2)
+        self._thread.join(timeout=2)
         logger.info("bridge stopped")
 
-    # -- scheduling ---------------------------------------------------------------------
+    # -- scheduling (scheduler thread) --------------------------------------------------
 
     def _run(self) -> None:
         with self._cond:
@@ -178,12 +235,16 @@ class Bridge:
                 now = time.monotonic()
                 self._expire_commands(now)
                 for segment, planned in self._schedule.pop_due(now):
-                    self._pool.submit(self._request, self._meters[segment], planned)
+                    self._workers.submit(self._request, self._meters[segment])
                 wake = min(
-                    (t for t in (self._schedule.next_due(), self._next_command_deadline()) if t is not None),
+                    (
+                        t
+                        for t in (self._schedule.next_due(), self._next_command_deadline())
+                        if t is not None
+                    ),
                     default=None,
                 )
-                self._cond.wait(timeout=None if wake is None else max(0.0, wake - time.monotonic()))
+                self._cond.wait(None if wake is None else max(0.0, wake - time.monotonic()))
 
     def _next_command_deadline(self) -> float | None:
         # A meter in flight is left out: its command is decided when the request ends, and
@@ -199,40 +260,39 @@ class Bridge:
         )
 
     def _expire_commands(self, now: float) -> None:
-        """Commands past their deadline fail, unless their request is still running."""
+        """Commands past their deadline fail, unless their meter's request is running."""
         for segment in list(self._waiting):
-            meter = self._meters[segment]
-            command = meter.command
+            command = self._meters[segment].command
             if command is None or now < command.deadline:
                 continue
             if self._schedule.timing(segment).in_flight:
                 continue  # decided when that request ends
-            self._fail_command(meter, segment)
+            self.link.publish_event(
+                self._meters[segment].topics.relay_result, self._expire(segment)
+            )
 
-    def _fail_command(self, meter: Meter, segment: str) -> None:
-        """Call with the lock held."""
+    def _expire(self, segment: str) -> bytes:
+        """Drop the meter's command as unconfirmed; the result payload. Lock held."""
+        meter = self._meters[segment]
         meter.command = None
         self._waiting.discard(segment)
         self._schedule.settle(segment)
-        interval = meter.device.poll_interval
-        reason = f"not confirmed by the meter within {2 * interval:g} s"
+        reason = f"not confirmed by the meter within {2 * meter.device.poll_interval:g} s"
         if meter.last_error:
             reason += f" (last error: {meter.last_error})"
-        self._cond.notify()
-        # paho's publish only queues: safe under our lock.
-        self.link.publish_event(meter.topics.relay_result, result_error(reason))
+        logger.warning("%s: relay command failed: %s", meter.client.label, reason)
+        return result_error(reason)
 
     # -- one request (worker thread) ----------------------------------------------------
 
-    def _request(self, meter: Meter, planned: float) -> None:
+    def _request(self, meter: Meter) -> None:
         segment = meter.device.segment
         with self._cond:
-            command = meter.command
-            if command is not None:
-                command.sent = True
+            if self._stopping:
+                return
+            command = meter.sending = meter.command
         pout = None if command is None else pout_for(command.target, meter.device.relay_inverted)
         started = time.monotonic()
-        self.lags.append(started - planned)
         snap: Snapshot | None = None
         error: MeterError | None = None
         try:
@@ -242,34 +302,31 @@ class Bridge:
             except BodyError as exc:
                 raise BodyError(f"{meter.client.label}: {exc}") from None
             if snap.devid != meter.device.id:
-                raise MeterError(
+                raise BodyError(
                     f"{meter.client.label}: answered as devid {snap.devid}, not {meter.device.id}"
                 )
         except MeterError as exc:
             error, snap = exc, None
-        except Exception:  # a bug must cost one read, not the worker or the meter
-            logger.exception("%s: unexpected error", meter.client.label)
-            error = MeterError(f"{meter.client.label}: internal error")
+        ended = time.monotonic()
         with self._cond:
             if self._stopping:
                 return
-            self._schedule.finished(segment, started, command=command is not None)
+            meter.sending = None
+            self._schedule.finished(segment, started, ended, command=command is not None)
             if snap is not None:
                 messages = self._good_read(meter, snap)
             else:
                 messages = self._failed_read(meter, error)
-            result = self._settle_command(meter, segment, command)
+            results = self._settle(meter, segment, command, good=snap is not None)
             self._cond.notify()
-        # MQTT publishing outside our lock: the link has its own. The result goes last, so
-        # whoever waits for it finds the relay topic already updated.
+        # Results go after the state, so whoever waits for one finds the relay topic updated.
         if messages:
             self.link.publish_many(messages)
-        if result is not None:
+        for result in results:
             self.link.publish_event(meter.topics.relay_result, result)
 
     def _good_read(self, meter: Meter, snap: Snapshot) -> list[tuple[str, bytes]]:
-        device = meter.device
-        relay = relay_from_pout(snap.pout, device.relay_inverted)
+        relay = relay_from_pout(snap.pout, meter.device.relay_inverted)
         messages = list(state_messages(meter.topics, snap, relay))
         if meter.available is not True:
             if meter.available is False:
@@ -288,13 +345,11 @@ class Bridge:
     def _failed_read(self, meter: Meter, error: MeterError | None) -> list[tuple[str, bytes]]:
         text = str(error)
         meter.failures += 1
-        if text != meter.last_error:
-            logger.warning("%s", text)
-        else:
-            logger.debug("%s", text)
+        # Once per change of state; the same error again goes to debug.
+        logger.log(logging.DEBUG if text == meter.last_error else logging.WARNING, "%s", text)
         meter.last_error = text
         if meter.failures >= FAILURES_OFFLINE and meter.available is not False:
-            # "not False": also a meter that never answered since start goes offline here.
+            # "is not False": a meter that never answered since start goes offline here too.
             logger.warning(
                 "%s: offline after %d failed requests", meter.client.label, meter.failures
             )
@@ -302,23 +357,29 @@ class Bridge:
             return [(meter.topics.availability, OFFLINE)]
         return []
 
-    def _settle_command(self, meter: Meter, segment: str, sent: Command | None) -> bytes | None:
-        """After a request: confirm, keep or fail the pending command. Lock held.
-
-        Returns the result payload when the command is confirmed."""
-        command = meter.command
-        if command is None:
-            return None
-        if command is sent and meter.relay is command.target and meter.last_error is None:
+    def _settle(
+        self, meter: Meter, segment: str, sent: Command | None, *, good: bool
+    ) -> list[bytes]:
+        """After a request: confirm, keep or fail commands. Lock held; returns results."""
+        results = []
+        if sent is not None:
             # Judged by what the meter reports, not by the HTTP status of the request.
-            meter.command = None
-            self._waiting.discard(segment)
-            self._schedule.settle(segment)
-            return result_ok(command.target)
-        if time.monotonic() >= command.deadline:
-            self._fail_command(meter, segment)
-        # else: not confirmed yet; it stays urgent and goes again at the next slot.
-        return None
+            confirmed = good and meter.relay is sent.target
+            if confirmed:
+                results.append(result_ok(sent.target))
+                if meter.command is sent:
+                    meter.command = None
+                    self._waiting.discard(segment)
+                    self._schedule.settle(segment)
+            elif meter.command is not sent:
+                # A newer command arrived while this one was on its way and failed: the
+                # newer one is what goes next, this one will not be repeated.
+                results.append(result_error("superseded"))
+            # else: not confirmed yet; it stays urgent and goes again at the next slot.
+        command = meter.command
+        if command is not None and time.monotonic() >= command.deadline:
+            results.append(self._expire(segment))
+        return results
 
     # -- commands (paho thread) ---------------------------------------------------------
 
@@ -331,8 +392,7 @@ class Bridge:
             logger.debug("ignoring a command on %s: no meter has that topic", topic)
             return
         if retain:
-            # A retained command is stale by definition: replaying it would switch the
-            # relay on every reconnect ("ghost switching").
+            # Stale by definition: replaying it would switch the relay on every reconnect.
             logger.warning(
                 "ignored a retained command on %s: publish commands without the retain flag",
                 topic,
@@ -346,11 +406,13 @@ class Bridge:
             return
         with self._cond:
             if self._stopping:
+                self.link.publish_event(meter.topics.relay_result, result_error("bridge shutting down"))
                 return
+            previous = meter.command
             if action is Action.TOGGLE:
                 # Toggle the state the relay is heading for: a pending command's target if
                 # there is one, else what the meter last reported.
-                base = meter.command.target if meter.command is not None else meter.relay
+                base = previous.target if previous is not None else meter.relay
                 if base is None:
                     self.link.publish_event(
                         meter.topics.relay_result,
@@ -360,15 +422,14 @@ class Bridge:
                 target = base.inverse()
             else:
                 target = Relay(action.value)
-            previous = meter.command
             meter.command = Command(
-                target, deadline=time.monotonic() + 2 * meter.device.poll_interval
+                target, deadline=time.monotonic() + 2 * meter.device.poll_interval + COMMAND_SLACK
             )
             self._waiting.add(segment)
             self._schedule.hurry(segment)
             self._cond.notify()
-            if previous is not None:
+            if previous is not None and previous is not meter.sending:
+                # Still waiting for its slot: the last command wins. (One already on its
+                # way is judged by the meter's answer when the request ends.)
                 self.link.publish_event(meter.topics.relay_result, result_error("superseded"))
         logger.info("relay command %s for %s", target.value, meter.client.label)
-
-
