@@ -41,11 +41,12 @@ FAULTS: Final = (
     "huge",
     "clean_json",
     "drop_wh",
+    "pout_error",
 )
 
 # Faults that still produce a real reading: they go through the PIN and rate-limit
 # checks and count as accepted. Every other fault replaces the answer outright.
-_GOOD_FAULTS: Final = frozenset({"ok", "clean_json", "nonnumeric", "drop_wh"})
+_GOOD_FAULTS: Final = frozenset({"ok", "clean_json", "nonnumeric", "drop_wh", "pout_error"})
 
 STANDARD_INTERVAL: Final = 60.0  # seconds between accepted requests (vendor page)
 EXTENDED_INTERVAL: Final = 6.0
@@ -522,6 +523,10 @@ class Simulator:
             m.pout_requests.append((now, pout))
         m._advance(now)
         m.ok += 1
+        if fault == "pout_error":
+            # Seen on real firmware (homeassistant-smart-maic #27): the relay switches, yet
+            # the answer is an error status.
+            return _Plan("send", _text(500, "internal error"))
         body = _render(m, fault)
         return _Plan("send", _simple(200, _JSON, body))
 

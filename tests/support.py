@@ -162,3 +162,25 @@ def device(sim: Simulator, meter: SimMeter, **options: object) -> DeviceSettings
     return DeviceSettings(**values)  # type: ignore[arg-type]
 
 
+
+
+def assert_rate_limit_kept(sim: Simulator) -> None:
+    """No two requests to one meter *arrived* closer than its model allows.
+
+    Stronger than counting 429s: the simulator only checks requests against the last
+    accepted one, so a refused or faulted request is not checked there; here every one is.
+    """
+    for meter in sim.meters.values():
+        times = list(meter.request_times)
+        gaps = [later - earlier for earlier, later in zip(times, times[1:])]
+        assert not gaps or min(gaps) >= meter.interval, (meter.devid, meter.interval, min(gaps))
+    assert sim.total_rate_limited() == 0
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """For simulator state, which has no event to wait on: check every 10 ms, up to timeout."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(0.01)

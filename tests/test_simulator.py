@@ -415,6 +415,18 @@ def test_fault_drop_wh(make_sim: Callable[..., Simulator]) -> None:
     assert int(back["Wh1"]["value"]) >= int(before["Wh1"]["value"])
 
 
+def test_fault_pout_error_switches_and_answers_500(make_sim: Callable[..., Simulator]) -> None:
+    sim = make_sim(make_fleet(1, extended=True))
+    m = first(sim)
+    sim.set_fault(m.devid, "pout_error")
+    params = {"page": "getdata", "devid": m.devid, "devpass": m.pin, "pout": "1"}
+    assert requests.get(sim.url(), params=params, timeout=TIMEOUT).status_code == 500
+    assert m.pout == 1 and m.ok == 1
+    params["pout"] = "0"  # and it counts as an accepted request for the rate limit
+    assert requests.get(sim.url(), params=params, timeout=TIMEOUT).status_code == 429
+    assert m.pout == 1
+
+
 def test_fault_huge(make_sim: Callable[..., Simulator]) -> None:
     sim = make_sim(make_fleet(1))
     m = first(sim)
@@ -436,7 +448,7 @@ def test_fault_huge(make_sim: Callable[..., Simulator]) -> None:
 def test_every_fault_is_covered() -> None:
     covered = {
         "ok", "refuse", "hang", "drip", "http500", "http429", "html", "truncated",
-        "no_data", "nonnumeric", "huge", "clean_json", "drop_wh",
+        "no_data", "nonnumeric", "huge", "clean_json", "drop_wh", "pout_error",
     }  # fmt: skip
     assert set(FAULTS) == covered
 

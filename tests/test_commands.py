@@ -1,0 +1,136 @@
+"""Relay commands on their bad paths, end to end (bridge logic: run on the embedded amqtt)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import pytest
+from support import BrokerProcess, Probe, assert_rate_limit_kept, device, wait_until
+
+from bridge.service import Bridge
+from bridge.simulator import SimMeter, Simulator, make_fleet
+
+# The logic under test does not depend on the broker; one real broker is enough here.
+pytestmark = pytest.mark.parametrize("broker", ["amqtt"], indirect=True)
+
+
+def extended_meter(sim_factory: Callable[..., Simulator]) -> tuple[Simulator, SimMeter]:
+    (meter,) = make_fleet(1, phases=1, extended=True)
+    return sim_factory([meter]), meter
+
+
+def test_toggle_before_the_first_read_is_refused(
+    broker: BrokerProcess,
+    simulator: Callable[..., Simulator],
+    bridge_factory: Callable[..., Bridge],
+    probe_factory: Callable[..., Probe],
+) -> None:
+    sim, meter = extended_meter(simulator)
+    sim.set_fault(meter.devid, "hang")  # no read ever completes
+    probe = probe_factory("smartmac/#")
+    bridge_factory([device(sim, meter, topic="m")])
+    probe.wait_for("smartmac/bridge/availability")  # connected, so subscribed
+    probe.publish("smartmac/m/relay/set", "TOGGLE")
+    assert probe.wait_for("smartmac/m/relay/result").json() == {
+        "ok": False, "error": "relay state not known yet; send ON or OFF"}
+    assert meter.pout_requests == []
+
+
+def test_a_command_not_confirmed_within_two_intervals_fails_and_is_never_replayed(
+    broker: BrokerProcess,
+    simulator: Callable[..., Simulator],
+    bridge_factory: Callable[..., Bridge],
+    probe_factory: Callable[..., Probe],
+) -> None:
+    sim, meter = extended_meter(simulator)
+    probe = probe_factory("smartmac/#")
+    bridge_factory([device(sim, meter, topic="m")])
+    probe.wait_for("smartmac/m/relay", lambda m: m.payload == b"OFF")
+    sim.set_fault(meter.devid, "http500")  # the meter stops answering usefully
+    mark = probe.mark()
+    probe.publish("smartmac/m/relay/set", "ON")
+    result = probe.wait_for("smartmac/m/relay/result", after=mark, timeout=20).json()
+    assert result["ok"] is False
+    assert "not confirmed by the meter within 12 s" in result["error"] and "HTTP 500" in result["error"]
+    # The meter comes back: the next request is a plain poll, the command is gone.
+    sim.set_fault(meter.devid, "ok")
+    mark = probe.mark()
+    assert probe.wait_for("smartmac/m/state", after=mark, timeout=10).json()["relay"] == "OFF"
+    assert meter.pout_requests == [] and meter.pout == 0
+    assert len([m for m in probe.messages if m.topic == "smartmac/m/relay/result"]) == 1
+    assert_rate_limit_kept(sim)
+
+
+def test_the_result_follows_the_reported_pout_not_the_http_status(
+    broker: BrokerProcess,
+    simulator: Callable[..., Simulator],
+    bridge_factory: Callable[..., Bridge],
+    probe_factory: Callable[..., Probe],
+) -> None:
+    # Real firmware has switched the relay and still answered with an error status.
+    sim, meter = extended_meter(simulator)
+    probe = probe_factory("smartmac/#")
+    bridge_factory([device(sim, meter, topic="m")])
+    probe.wait_for("smartmac/m/relay", lambda m: m.payload == b"OFF")
+    sim.set_fault(meter.devid, "pout_error")
+    mark = probe.mark()
+    probe.publish("smartmac/m/relay/set", "ON")
+    # The first request switches the relay but answers 500: not confirmed, no result yet.
+    wait_until(lambda: meter.pout_requests != [], 10, "the command reached the meter")
+    assert meter.pout == 1
+    sim.set_fault(meter.devid, "ok")
+    result = probe.wait_for("smartmac/m/relay/result", after=mark, timeout=20).json()
+    assert result == {"ok": True, "relay": "ON"}
+    # Sent again at the next slot (pout is absolute, so repeating it is safe) and
+    # confirmed by the pout that answer reported.
+    assert [v for _, v in meter.pout_requests] == [1, 1]
+    results = [m for m in probe.messages[mark:] if m.topic == "smartmac/m/relay/result"]
+    assert len(results) == 1
+    assert_rate_limit_kept(sim)
+
+
+def test_a_command_waiting_for_its_slot_gets_an_error_on_shutdown(
+    broker: BrokerProcess,
+    simulator: Callable[..., Simulator],
+    bridge_factory: Callable[..., Bridge],
+    probe_factory: Callable[..., Probe],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    meter = SimMeter(devid="17", pin="135790", phases=1, extended=False)  # next slot in 60 s
+    sim = simulator([meter])
+    probe = probe_factory("smartmac/#")
+    bridge = bridge_factory([device(sim, meter, topic="m")])
+    probe.wait_for("smartmac/m/relay")
+    mark = probe.mark()
+    probe.publish("smartmac/m/relay/set", "ON")
+    wait_until(lambda: "relay command ON" in caplog.text, 5, "the bridge took the command")
+    bridge.stop()
+    assert probe.wait_for("smartmac/m/relay/result", after=mark, timeout=5).json() == {
+        "ok": False, "error": "bridge shutting down"}
+    probe.wait_for("smartmac/m/availability", lambda m: m.payload == b"offline", after=mark)
+    assert meter.pout_requests == []
+
+
+def test_a_command_on_its_way_is_judged_by_the_answer_not_superseded(
+    broker: BrokerProcess,
+    simulator: Callable[..., Simulator],
+    bridge_factory: Callable[..., Bridge],
+    probe_factory: Callable[..., Probe],
+) -> None:
+    (meter,) = make_fleet(1, phases=1, extended=True)
+    sim = simulator([meter], delay=1.0)  # each answer takes 1 s: time to send another command
+    probe = probe_factory("smartmac/#")
+    bridge_factory([device(sim, meter, topic="m")])
+    probe.wait_for("smartmac/m/relay", lambda m: m.payload == b"OFF")
+    mark = probe.mark()
+    probe.publish("smartmac/m/relay/set", "ON")
+    wait_until(lambda: meter.pout_requests != [], 10, "ON reached the meter")
+    probe.publish("smartmac/m/relay/set", "OFF")  # while ON's answer is still on its way
+    first = probe.wait_for("smartmac/m/relay/result", after=mark, timeout=5)
+    assert first.json() == {"ok": True, "relay": "ON"}
+    second = probe.wait_for("smartmac/m/relay/result", after=probe.messages.index(first) + 1, timeout=15)
+    assert second.json() == {"ok": True, "relay": "OFF"}
+    assert [v for _, v in meter.pout_requests] == [1, 0]
+    assert_rate_limit_kept(sim)
