@@ -207,7 +207,7 @@ class EmbeddedBroker:
             # is cancelled when the Runner closes the loop.
             try:
                 await asyncio.wait_for(broker.shutdown(), _SHUTDOWN_TIMEOUT)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 logger.debug("embedded MQTT broker shutdown cut short after %g s", _SHUTDOWN_TIMEOUT)
 
     def _cancel_serve(self) -> None:

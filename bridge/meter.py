@@ -7,12 +7,11 @@ messages are never passed on: we describe the fault ourselves and drop the chain
 
 from __future__ import annotations
 
-import threading
-import time
-
 import http.client
 import logging
 import re
+import threading
+import time
 
 import requests
 import urllib3.exceptions

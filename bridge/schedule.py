@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Generic, Hashable, TypeVar
+from typing import Generic, TypeVar
 
 #: Seconds added to every minimum gap. The meter measures the gap between *arrivals*;
 #: network jitter may shorten it by a few ms, and a 429 costs a whole slot.

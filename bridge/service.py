@@ -234,7 +234,7 @@ class Bridge:
             while not self._stopping:
                 now = time.monotonic()
                 self._expire_commands(now)
-                for segment, planned in self._schedule.pop_due(now):
+                for segment, _planned in self._schedule.pop_due(now):
                     self._workers.submit(self._request, self._meters[segment])
                 wake = min(
                     (

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from support import LOOPBACK, BrokerProcess, Mosquitto, Probe, free_port
+from support import LOOPBACK, BrokerProcess, Mosquitto, Probe, Rig, free_port
 
 from bridge.broker import EmbeddedBroker
 from bridge.config import DeviceSettings, MqttSettings
@@ -93,3 +93,14 @@ def bridge_factory(broker: BrokerProcess) -> Iterator[Callable[..., Bridge]]:
     yield make
     for bridge in bridges:
         bridge.stop()
+
+
+@pytest.fixture
+def rig(
+    broker: BrokerProcess,
+    simulator: Callable[..., Simulator],
+    bridge_factory: Callable[..., Bridge],
+    probe_factory: Callable[..., Probe],
+) -> Rig:
+    """Everything an end-to-end test needs, on one real broker."""
+    return Rig(broker, simulator, bridge_factory, probe_factory)

@@ -16,6 +16,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from bridge.config import DeviceSettings
+from bridge.service import Bridge
 from bridge.simulator import SimMeter, Simulator
 
 LOOPBACK = "127.0.0.1"
@@ -68,6 +69,16 @@ class Mosquitto:
             self.process.wait(timeout=5)
             self.process = None
 
+
+
+@dataclass(frozen=True)
+class Rig:
+    """A real broker, and factories that start simulators, bridges and probes on it."""
+
+    broker: BrokerProcess
+    simulator: Callable[..., Simulator]
+    bridge: Callable[..., Bridge]
+    probe: Callable[..., Probe]
 
 
 @dataclass

@@ -3,33 +3,26 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 import pytest
-from support import BrokerProcess, Probe, assert_rate_limit_kept, device, wait_until
+from support import Rig, assert_rate_limit_kept, device, wait_until
 
-from bridge.service import Bridge
 from bridge.simulator import SimMeter, Simulator, make_fleet
 
 # The logic under test does not depend on the broker; one real broker is enough here.
 pytestmark = pytest.mark.parametrize("broker", ["amqtt"], indirect=True)
 
 
-def extended_meter(sim_factory: Callable[..., Simulator]) -> tuple[Simulator, SimMeter]:
+def extended_meter(rig: Rig) -> tuple[Simulator, SimMeter]:
     (meter,) = make_fleet(1, phases=1, extended=True)
-    return sim_factory([meter]), meter
+    return rig.simulator([meter]), meter
 
 
-def test_toggle_before_the_first_read_is_refused(
-    broker: BrokerProcess,
-    simulator: Callable[..., Simulator],
-    bridge_factory: Callable[..., Bridge],
-    probe_factory: Callable[..., Probe],
-) -> None:
-    sim, meter = extended_meter(simulator)
+def test_toggle_before_the_first_read_is_refused(rig: Rig) -> None:
+    sim, meter = extended_meter(rig)
     sim.set_fault(meter.devid, "hang")  # no read ever completes
-    probe = probe_factory("smartmac/#")
-    bridge_factory([device(sim, meter, topic="m")])
+    probe = rig.probe("smartmac/#")
+    rig.bridge([device(sim, meter, topic="m")])
     probe.wait_for("smartmac/bridge/availability")  # connected, so subscribed
     probe.publish("smartmac/m/relay/set", "TOGGLE")
     assert probe.wait_for("smartmac/m/relay/result").json() == {
@@ -37,15 +30,10 @@ def test_toggle_before_the_first_read_is_refused(
     assert meter.pout_requests == []
 
 
-def test_a_command_not_confirmed_within_two_intervals_fails_and_is_never_replayed(
-    broker: BrokerProcess,
-    simulator: Callable[..., Simulator],
-    bridge_factory: Callable[..., Bridge],
-    probe_factory: Callable[..., Probe],
-) -> None:
-    sim, meter = extended_meter(simulator)
-    probe = probe_factory("smartmac/#")
-    bridge_factory([device(sim, meter, topic="m")])
+def test_a_command_not_confirmed_within_two_intervals_fails_and_is_never_replayed(rig: Rig) -> None:
+    sim, meter = extended_meter(rig)
+    probe = rig.probe("smartmac/#")
+    rig.bridge([device(sim, meter, topic="m")])
     probe.wait_for("smartmac/m/relay", lambda m: m.payload == b"OFF")
     sim.set_fault(meter.devid, "http500")  # the meter stops answering usefully
     mark = probe.mark()
@@ -62,16 +50,11 @@ def test_a_command_not_confirmed_within_two_intervals_fails_and_is_never_replaye
     assert_rate_limit_kept(sim)
 
 
-def test_the_result_follows_the_reported_pout_not_the_http_status(
-    broker: BrokerProcess,
-    simulator: Callable[..., Simulator],
-    bridge_factory: Callable[..., Bridge],
-    probe_factory: Callable[..., Probe],
-) -> None:
+def test_the_result_follows_the_reported_pout_not_the_http_status(rig: Rig) -> None:
     # Real firmware has switched the relay and still answered with an error status.
-    sim, meter = extended_meter(simulator)
-    probe = probe_factory("smartmac/#")
-    bridge_factory([device(sim, meter, topic="m")])
+    sim, meter = extended_meter(rig)
+    probe = rig.probe("smartmac/#")
+    rig.bridge([device(sim, meter, topic="m")])
     probe.wait_for("smartmac/m/relay", lambda m: m.payload == b"OFF")
     sim.set_fault(meter.devid, "pout_error")
     mark = probe.mark()
@@ -91,17 +74,14 @@ def test_the_result_follows_the_reported_pout_not_the_http_status(
 
 
 def test_a_command_waiting_for_its_slot_gets_an_error_on_shutdown(
-    broker: BrokerProcess,
-    simulator: Callable[..., Simulator],
-    bridge_factory: Callable[..., Bridge],
-    probe_factory: Callable[..., Probe],
+    rig: Rig,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO)
     meter = SimMeter(devid="17", pin="135790", phases=1, extended=False)  # next slot in 60 s
-    sim = simulator([meter])
-    probe = probe_factory("smartmac/#")
-    bridge = bridge_factory([device(sim, meter, topic="m")])
+    sim = rig.simulator([meter])
+    probe = rig.probe("smartmac/#")
+    bridge = rig.bridge([device(sim, meter, topic="m")])
     probe.wait_for("smartmac/m/relay")
     mark = probe.mark()
     probe.publish("smartmac/m/relay/set", "ON")
@@ -113,16 +93,11 @@ def test_a_command_waiting_for_its_slot_gets_an_error_on_shutdown(
     assert meter.pout_requests == []
 
 
-def test_a_command_on_its_way_is_judged_by_the_answer_not_superseded(
-    broker: BrokerProcess,
-    simulator: Callable[..., Simulator],
-    bridge_factory: Callable[..., Bridge],
-    probe_factory: Callable[..., Probe],
-) -> None:
+def test_a_command_on_its_way_is_judged_by_the_answer_not_superseded(rig: Rig) -> None:
     (meter,) = make_fleet(1, phases=1, extended=True)
-    sim = simulator([meter], delay=1.0)  # each answer takes 1 s: time to send another command
-    probe = probe_factory("smartmac/#")
-    bridge_factory([device(sim, meter, topic="m")])
+    sim = rig.simulator([meter], delay=1.0)  # each answer takes 1 s: time to send another command
+    probe = rig.probe("smartmac/#")
+    rig.bridge([device(sim, meter, topic="m")])
     probe.wait_for("smartmac/m/relay", lambda m: m.payload == b"OFF")
     mark = probe.mark()
     probe.publish("smartmac/m/relay/set", "ON")

@@ -6,18 +6,14 @@ same meter waits about 6 s: that is the device's rule, not a sleep.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
-from collections.abc import Callable
 
 import pytest
 from paho.mqtt.client import topic_matches_sub
+from support import Rig, assert_rate_limit_kept, device
 
-from bridge.service import Bridge
-from bridge.simulator import SimMeter, Simulator, make_fleet
-
-from support import BrokerProcess, Probe, assert_rate_limit_kept, device
+from bridge.simulator import SimMeter, make_fleet
 
 PIN_3 = "731902"
 PIN_1 = "582064"
@@ -32,18 +28,15 @@ def meters() -> tuple[SimMeter, SimMeter]:
 
 
 def test_every_topic_carries_the_meter_values(
-    broker: BrokerProcess,
-    simulator: Callable[..., Simulator],
-    bridge_factory: Callable[..., Bridge],
-    probe_factory: Callable[..., Probe],
+    rig: Rig,
     meters: tuple[SimMeter, SimMeter],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG)
     three, one = meters
-    sim = simulator([three, one])
-    probe = probe_factory("smartmac/#")
-    bridge_factory([device(sim, three, topic="garage", name="Garage"), device(sim, one)])
+    sim = rig.simulator([three, one])
+    probe = rig.probe("smartmac/#")
+    rig.bridge([device(sim, three, topic="garage", name="Garage"), device(sim, one)])
 
     probe.wait_for("smartmac/bridge/availability", lambda m: m.payload == b"online")
     info = probe.wait_for("smartmac/bridge/info").json()
@@ -69,7 +62,7 @@ def test_every_topic_carries_the_meter_values(
 
     # A subscriber that comes later gets every topic retained, with its latest payload.
     latest = {m.topic: m.payload for m in probe.messages}
-    late = probe_factory("smartmac/#")
+    late = rig.probe("smartmac/#")
     for topic in latest:
         assert late.wait_for(topic, lambda m: m.retain, timeout=5).payload == probe.last(topic).payload  # type: ignore[union-attr]
     # B/+/state matches meter states only: checked on every topic the bridge published.
@@ -80,17 +73,11 @@ def test_every_topic_carries_the_meter_values(
     assert PIN_3 not in caplog.text and PIN_1 not in caplog.text
 
 
-def test_relay_commands_switch_the_meter(
-    broker: BrokerProcess,
-    simulator: Callable[..., Simulator],
-    bridge_factory: Callable[..., Bridge],
-    probe_factory: Callable[..., Probe],
-    meters: tuple[SimMeter, SimMeter],
-) -> None:
+def test_relay_commands_switch_the_meter(rig: Rig, meters: tuple[SimMeter, SimMeter]) -> None:
     three, _ = meters
-    sim = simulator([three])
-    probe = probe_factory("smartmac/#")
-    bridge_factory([device(sim, three, topic="garage")])
+    sim = rig.simulator([three])
+    probe = rig.probe("smartmac/#")
+    rig.bridge([device(sim, three, topic="garage")])
     probe.wait_for("smartmac/garage/relay", lambda m: m.payload == b"OFF")
 
     mark = probe.mark()
@@ -111,16 +98,13 @@ def test_relay_commands_switch_the_meter(
 
 
 def test_inverted_relay_sends_and_reports_the_other_way(
-    broker: BrokerProcess,
-    simulator: Callable[..., Simulator],
-    bridge_factory: Callable[..., Bridge],
-    probe_factory: Callable[..., Probe],
+    rig: Rig,
     meters: tuple[SimMeter, SimMeter],
 ) -> None:
     three, _ = meters
-    sim = simulator([three])
-    probe = probe_factory("smartmac/#")
-    bridge_factory([device(sim, three, topic="garage", relay_inverted=True)])
+    sim = rig.simulator([three])
+    probe = rig.probe("smartmac/#")
+    rig.bridge([device(sim, three, topic="garage", relay_inverted=True)])
     probe.wait_for("smartmac/garage/relay", lambda m: m.payload == b"ON")  # pout 0, inverted
     mark = probe.mark()
     probe.publish("smartmac/garage/relay/set", "OFF")
@@ -129,19 +113,16 @@ def test_inverted_relay_sends_and_reports_the_other_way(
 
 
 def test_bad_and_retained_commands_never_switch(
-    broker: BrokerProcess,
-    simulator: Callable[..., Simulator],
-    bridge_factory: Callable[..., Bridge],
-    probe_factory: Callable[..., Probe],
+    rig: Rig,
     meters: tuple[SimMeter, SimMeter],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     three, _ = meters
-    sim = simulator([three])
-    probe = probe_factory("smartmac/#")
+    sim = rig.simulator([three])
+    probe = rig.probe("smartmac/#")
     # A stale command left retained on the broker before the bridge starts.
     probe.publish("smartmac/garage/relay/set", "ON", retain=True)
-    bridge_factory([device(sim, three, topic="garage")])
+    rig.bridge([device(sim, three, topic="garage")])
     probe.wait_for("smartmac/garage/state")
 
     garbage = [b"", b"ONN", b"2", b'{"state": "DIM"}', b"\xff", b"{" * 1000]
@@ -164,17 +145,11 @@ def test_bad_and_retained_commands_never_switch(
     probe.publish("smartmac/garage/relay/set", b"", retain=True)  # clear it on the broker
 
 
-def test_commands_before_the_slot_coalesce(
-    broker: BrokerProcess,
-    simulator: Callable[..., Simulator],
-    bridge_factory: Callable[..., Bridge],
-    probe_factory: Callable[..., Probe],
-    meters: tuple[SimMeter, SimMeter],
-) -> None:
+def test_commands_before_the_slot_coalesce(rig: Rig, meters: tuple[SimMeter, SimMeter]) -> None:
     three, _ = meters
-    sim = simulator([three])
-    probe = probe_factory("smartmac/#")
-    bridge_factory([device(sim, three, topic="garage")])
+    sim = rig.simulator([three])
+    probe = rig.probe("smartmac/#")
+    rig.bridge([device(sim, three, topic="garage")])
     probe.wait_for("smartmac/garage/relay", lambda m: m.payload == b"OFF")
     mark = probe.mark()
     for payload in ("ON", "OFF", "ON"):
@@ -191,18 +166,15 @@ def test_commands_before_the_slot_coalesce(
 
 
 def test_availability_goes_offline_after_three_failures_and_back(
-    broker: BrokerProcess,
-    simulator: Callable[..., Simulator],
-    bridge_factory: Callable[..., Bridge],
-    probe_factory: Callable[..., Probe],
+    rig: Rig,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG)
     (meter,) = make_fleet(1, phases=1, extended=True)
-    sim = simulator([meter])
+    sim = rig.simulator([meter])
     sim.set_fault(meter.devid, "http500")
-    probe = probe_factory("smartmac/#")
-    bridge_factory([device(sim, meter, topic="m")])
+    probe = rig.probe("smartmac/#")
+    rig.bridge([device(sim, meter, topic="m")])
 
     probe.wait_for("smartmac/m/availability", lambda m: m.payload == b"offline", timeout=20)
     assert meter.requests == 3  # the third failure, not before (the next is 6 s away)
@@ -220,16 +192,11 @@ def test_availability_goes_offline_after_three_failures_and_back(
     assert_rate_limit_kept(sim)
 
 
-def test_offline_after_three_failures_of_a_meter_that_was_online(
-    broker: BrokerProcess,
-    simulator: Callable[..., Simulator],
-    bridge_factory: Callable[..., Bridge],
-    probe_factory: Callable[..., Probe],
-) -> None:
+def test_offline_after_three_failures_of_a_meter_that_was_online(rig: Rig) -> None:
     (meter,) = make_fleet(1, phases=1, extended=True)
-    sim = simulator([meter])
-    probe = probe_factory("smartmac/#")
-    bridge_factory([device(sim, meter, topic="m")])
+    sim = rig.simulator([meter])
+    probe = rig.probe("smartmac/#")
+    rig.bridge([device(sim, meter, topic="m")])
     probe.wait_for("smartmac/m/availability", lambda m: m.payload == b"online")
     # Break it just after a fresh poll, so no request is in flight across the switch.
     probe.wait_for("smartmac/m/relay", after=probe.mark())
@@ -242,19 +209,13 @@ def test_offline_after_three_failures_of_a_meter_that_was_online(
     assert states == []
 
 
-def test_wrong_pin_is_an_error_and_never_logged(
-    broker: BrokerProcess,
-    simulator: Callable[..., Simulator],
-    bridge_factory: Callable[..., Bridge],
-    probe_factory: Callable[..., Probe],
-    caplog: pytest.LogCaptureFixture,
-) -> None:
+def test_wrong_pin_is_an_error_and_never_logged(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     (meter,) = make_fleet(1, phases=1, extended=True)
-    sim = simulator([meter])
-    probe = probe_factory("smartmac/#")
+    sim = rig.simulator([meter])
+    probe = rig.probe("smartmac/#")
     wrong = "864209"
-    bridge_factory([device(sim, meter, topic="m", pin=wrong)])
+    rig.bridge([device(sim, meter, topic="m", pin=wrong)])
     probe.wait_for("smartmac/m/availability", lambda m: m.payload == b"offline", timeout=20)
     assert meter.bad_pin == 3 and meter.ok == 0
     assert "devid/PIN refused" in caplog.text
@@ -263,33 +224,30 @@ def test_wrong_pin_is_an_error_and_never_logged(
 
 
 def test_republishes_everything_after_a_broker_restart(
-    broker: BrokerProcess,
-    simulator: Callable[..., Simulator],
-    bridge_factory: Callable[..., Bridge],
-    probe_factory: Callable[..., Probe],
+    rig: Rig,
     meters: tuple[SimMeter, SimMeter],
 ) -> None:
-    if broker.restart is None:
+    if rig.broker.restart is None:
         pytest.skip("only the mosquitto fixture can be restarted")
     three, one = meters
-    sim = simulator([three, one])
-    probe = probe_factory("smartmac/#")
-    bridge = bridge_factory([device(sim, three, topic="garage"), device(sim, one, topic="one")])
+    sim = rig.simulator([three, one])
+    probe = rig.probe("smartmac/#")
+    bridge = rig.bridge([device(sim, three, topic="garage"), device(sim, one, topic="one")])
     probe.wait_for("smartmac/one/state")
     probe.wait_for("smartmac/garage/state")
     before = {m.topic: m.payload for m in probe.messages}
     probe.stop()
 
-    broker.restart()  # no persistence: every retained message is gone
+    rig.broker.restart()  # no persistence: every retained message is gone
     topics = ("smartmac/bridge/availability", "smartmac/bridge/info", "smartmac/one/state",
               "smartmac/one/V1", "smartmac/one/relay", "smartmac/one/availability",
               "smartmac/garage/state", "smartmac/garage/availability")
     # Whether this probe connects before or after the bridge's replay, it sees every topic.
-    fresh = probe_factory("smartmac/#")
+    fresh = rig.probe("smartmac/#")
     for topic in topics:
         fresh.wait_for(topic, timeout=5)
     # ...and what it saw is retained on the new broker again.
-    again = probe_factory("smartmac/#")
+    again = rig.probe("smartmac/#")
     for topic in topics:
         message = again.wait_for(topic, lambda m: m.retain, timeout=5)
         if topic.startswith("smartmac/one/"):
