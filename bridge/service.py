@@ -98,14 +98,20 @@ class Workers:
         self._pending = 0
 
     def submit(self, job: Callable[..., None], *args: object) -> None:
+        # Queued first: if no thread can be started, a running worker still takes it.
+        self._queue.put((job, args))
         with self._lock:
             self._pending += 1
             spawn = self._pending > self._idle and self._threads < self._limit
             if spawn:
                 self._threads += 1
         if spawn:
-            threading.Thread(target=self._work, name=f"meter-{self._threads}", daemon=True).start()
-        self._queue.put((job, args))
+            try:
+                threading.Thread(target=self._work, name="meter", daemon=True).start()
+            except RuntimeError:  # "can't start new thread": the OS is out of them
+                with self._lock:
+                    self._threads -= 1
+                logger.warning("cannot start another worker thread; requests will queue")
 
     def shutdown(self) -> None:
         """Idle workers exit; busy ones exit after their request (or with the process)."""
@@ -232,19 +238,24 @@ class Bridge:
     def _run(self) -> None:
         with self._cond:
             while not self._stopping:
-                now = time.monotonic()
-                self._expire_commands(now)
-                for segment, _planned in self._schedule.pop_due(now):
-                    self._workers.submit(self._request, self._meters[segment])
-                wake = min(
-                    (
-                        t
-                        for t in (self._schedule.next_due(), self._next_command_deadline())
-                        if t is not None
-                    ),
-                    default=None,
-                )
+                try:
+                    wake = self._dispatch(time.monotonic())
+                except Exception:
+                    # This thread is the bridge's heartbeat: a bug here must not stop all
+                    # polling while the bridge still says online. Log it and go on.
+                    logger.exception("scheduler error; continuing")
+                    wake = time.monotonic() + 1.0
                 self._cond.wait(None if wake is None else max(0.0, wake - time.monotonic()))
+
+    def _dispatch(self, now: float) -> float | None:
+        """Fail expired commands, start due requests; the next time to wake. Lock held."""
+        self._expire_commands(now)
+        for segment, _planned in self._schedule.pop_due(now):
+            self._workers.submit(self._request, self._meters[segment])
+        return min(
+            (t for t in (self._schedule.next_due(), self._next_command_deadline()) if t is not None),
+            default=None,
+        )
 
     def _next_command_deadline(self) -> float | None:
         # A meter in flight is left out: its command is decided when the request ends, and
@@ -277,7 +288,10 @@ class Bridge:
         meter.command = None
         self._waiting.discard(segment)
         self._schedule.settle(segment)
-        reason = f"not confirmed by the meter within {2 * meter.device.poll_interval:g} s"
+        reason = (
+            "not confirmed by the meter within "
+            f"{2 * meter.device.poll_interval + COMMAND_SLACK:g} s"
+        )
         if meter.last_error:
             reason += f" (last error: {meter.last_error})"
         logger.warning("%s: relay command failed: %s", meter.client.label, reason)
@@ -307,17 +321,24 @@ class Bridge:
                 )
         except MeterError as exc:
             error, snap = exc, None
+        except Exception:  # a bug must cost one read, never the meter's schedule
+            logger.exception("%s: unexpected error", meter.client.label)
+            error, snap = MeterError(f"{meter.client.label}: internal error"), None
         ended = time.monotonic()
         with self._cond:
             if self._stopping:
                 return
             meter.sending = None
             self._schedule.finished(segment, started, ended, command=command is not None)
-            if snap is not None:
-                messages = self._good_read(meter, snap)
-            else:
-                messages = self._failed_read(meter, error)
-            results = self._settle(meter, segment, command, good=snap is not None)
+            try:
+                if snap is not None:
+                    messages = self._good_read(meter, snap)
+                else:
+                    messages = self._failed_read(meter, error)
+                results = self._settle(meter, segment, command, good=snap is not None)
+            except Exception:
+                logger.exception("%s: unexpected error handling a read", meter.client.label)
+                messages, results = [], []
             self._cond.notify()
         # Results go after the state, so whoever waits for one finds the relay topic updated.
         if messages:
