@@ -20,6 +20,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -168,16 +169,19 @@ class DeviceSettings(_Model):
             raise ValueError(f"'{RESERVED_SEGMENT}' is reserved for the bridge's own topics")
         return value
 
-    @model_validator(mode="after")
-    def _interval_allowed(self) -> DeviceSettings:
-        gap = min_gap(self.extended)
-        if self.interval is not None and self.interval < gap:
-            model = "an extended" if self.extended else "a standard"
+    @field_validator("interval")
+    @classmethod
+    def _interval_allowed(cls, interval: float | None, info: ValidationInfo) -> float | None:
+        # `extended` is declared before `interval`, so it is validated and here already.
+        extended = bool(info.data.get("extended", False))
+        gap = min_gap(extended)
+        if interval is not None and interval < gap:
+            model = "an extended" if extended else "a standard"
             raise ValueError(
-                f"interval {self.interval:g} s is below the {gap:g} s {model} meter allows"
-                + ("" if self.extended else " (set extended: true for extended meters)")
+                f"{interval:g} s is below the {gap:g} s {model} meter allows"
+                + ("" if extended else " (set extended: true for extended meters)")
             )
-        return self
+        return interval
 
     @property
     def display_name(self) -> str:

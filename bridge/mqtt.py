@@ -18,6 +18,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.reasoncodes import ReasonCode
 
 from .config import MqttSettings
+from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -62,12 +63,19 @@ class MqttLink:
             client.username_pw_set(settings.username, password)
         if settings.tls.enabled:
             tls = settings.tls
-            client.tls_set(
-                ca_certs=str(tls.ca_certs) if tls.ca_certs else None,
-                certfile=str(tls.certfile) if tls.certfile else None,
-                keyfile=str(tls.keyfile) if tls.keyfile else None,
-                cert_reqs=ssl.CERT_REQUIRED,
-            )
+            try:
+                client.tls_set(
+                    ca_certs=str(tls.ca_certs) if tls.ca_certs else None,
+                    certfile=str(tls.certfile) if tls.certfile else None,
+                    keyfile=str(tls.keyfile) if tls.keyfile else None,
+                    cert_reqs=ssl.CERT_REQUIRED,
+                )
+            except (ssl.SSLError, OSError, ValueError) as exc:
+                # A file that exists but is no certificate or key: a config error, named.
+                raise ConfigError(
+                    "mqtt.tls: cannot load ca_certs/certfile/keyfile: "
+                    f"{getattr(exc, 'reason', None) or exc}"
+                ) from None
             client.tls_insecure_set(tls.insecure)
         client.will_set(will_topic, b"offline", qos=1, retain=True)
         client.reconnect_delay_set(min_delay=1, max_delay=30)
@@ -135,6 +143,12 @@ class MqttLink:
         reason: ReasonCode,
         properties: object,
     ) -> None:
+        try:
+            self._connected_to_broker(client, reason)
+        except Exception:  # an exception here would end paho's thread, and reconnecting
+            logger.exception("error after connecting to %s", self.broker)
+
+    def _connected_to_broker(self, client: paho.Client, reason: ReasonCode) -> None:
         if reason.is_failure:
             # Typically bad credentials: say it once, name the broker (never the password).
             self._problem(f"MQTT broker {self.broker} refused the connection: {reason}")
