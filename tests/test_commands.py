@@ -40,7 +40,7 @@ def test_a_command_not_confirmed_within_two_intervals_fails_and_is_never_replaye
     probe.publish("smartmac/m/relay/set", "ON")
     result = probe.wait_for("smartmac/m/relay/result", after=mark, timeout=20).json()
     assert result["ok"] is False
-    assert "not confirmed by the meter within 12 s" in result["error"] and "HTTP 500" in result["error"]
+    assert "not confirmed by the meter within 13 s" in result["error"] and "HTTP 500" in result["error"]
     # The meter comes back: the next request is a plain poll, the command is gone.
     sim.set_fault(meter.devid, "ok")
     mark = probe.mark()
