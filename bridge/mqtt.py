@@ -50,7 +50,7 @@ class MqttLink:
         self._connected = False
         self._last_problem: str | None = None
         self.connected = threading.Event()
-        """Set while connected (tests and shutdown wait on it)."""
+        """Set while connected to the broker."""
 
         client = paho.Client(
             CallbackAPIVersion.VERSION2,
@@ -114,7 +114,7 @@ class MqttLink:
         self.connected.clear()
 
     def publish_many(self, messages: list[tuple[str, bytes]]) -> None:
-        """publish_retained for a batch, under one lock acquisition."""
+        """Publish retained messages and remember them for the replay after a reconnect."""
         with self._lock:
             self._retained.update(messages)
             if self._connected:
@@ -127,11 +127,6 @@ class MqttLink:
         result = self._client.publish(topic, payload, qos=max(self._qos, 1), retain=False)
         if result.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             logger.debug("could not publish %s now (%s)", topic, result.rc)
-
-    def retained(self, topic: str) -> bytes | None:
-        """The last payload published on a retained topic (None if never)."""
-        with self._lock:
-            return self._retained.get(topic)
 
     # -- paho callbacks (on paho's network thread) ------------------------------------
 
