@@ -18,19 +18,14 @@ from collections.abc import Callable, Iterator
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from support import LOOPBACK as HOST
+from support import free_port
 
 import bridge.broker
 from bridge.broker import EmbeddedBroker
 from bridge.errors import BrokerError
 
-HOST = "127.0.0.1"
 WAIT = 5.0  # seconds; generous, only reached when something is broken
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 def topic(name: str) -> str:
