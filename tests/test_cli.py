@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from support import LOOPBACK, BrokerProcess, Probe, free_port, wait_for_port
+from support import LOOPBACK, Probe, Rig, free_port, wait_for_port
 
 from bridge.simulator import SimMeter, Simulator
 
@@ -67,24 +67,18 @@ def write_config(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def test_run_publishes_and_sigterm_publishes_offline(
-    tmp_path: Path,
-    broker: BrokerProcess,
-    simulator: Callable[..., Simulator],
-    probe_factory: Callable[..., Probe],
-    processes: list[Process],
-) -> None:
+def test_run_publishes_and_sigterm_publishes_offline(tmp_path: Path, rig: Rig, processes: list[Process]) -> None:
     meter = SimMeter(devid="1728053249", pin=PIN, phases=3, extended=True)
-    sim = simulator([meter])
+    sim = rig.simulator([meter])
     config = write_config(
         tmp_path,
         f"""
-mqtt: {{host: {LOOPBACK}, port: {broker.port}, client_id: cli-test}}
+mqtt: {{host: {LOOPBACK}, port: {rig.broker.port}, client_id: cli-test}}
 devices:
   - {{id: "{meter.devid}", pin: "{PIN}", host: "{LOOPBACK}:{sim.port}", topic: garage, extended: true}}
 """,
     )
-    probe = probe_factory("smartmac/#")
+    probe = rig.probe("smartmac/#")
     bridge = Process(tmp_path, "run", "--config", str(config), "--log-level", "debug")
     processes.append(bridge)
     probe.wait_for("smartmac/garage/state")
@@ -100,22 +94,16 @@ devices:
     assert "Traceback" not in bridge.stderr
 
 
-def test_config_via_environment_and_sigint(
-    tmp_path: Path,
-    broker: BrokerProcess,
-    simulator: Callable[..., Simulator],
-    probe_factory: Callable[..., Probe],
-    processes: list[Process],
-) -> None:
+def test_config_via_environment_and_sigint(tmp_path: Path, rig: Rig, processes: list[Process]) -> None:
     meter = SimMeter(devid="17", pin=PIN, phases=1, extended=False)
-    sim = simulator([meter])
+    sim = rig.simulator([meter])
     env = {
         "SMARTMAC_MQTT__HOST": LOOPBACK,
-        "SMARTMAC_MQTT__PORT": str(broker.port),
+        "SMARTMAC_MQTT__PORT": str(rig.broker.port),
         "SMARTMAC_MQTT__BASE_TOPIC": "env/base",
         "SMARTMAC_DEVICES": f'[{{"id": "17", "pin": "{PIN}", "host": "{LOOPBACK}:{sim.port}"}}]',
     }
-    probe = probe_factory("env/#")
+    probe = rig.probe("env/#")
     bridge = Process(tmp_path, env=env)  # no subcommand: run
     processes.append(bridge)
     probe.wait_for("env/base/17/state")
