@@ -130,7 +130,7 @@ class DeviceSettings(_Model):
     relay_inverted: bool = False
     """False: pout 1 means relay ON, both reported and sent."""
     timeout: float = Field(5.0, gt=0, le=30, allow_inf_nan=False)
-    """Seconds one HTTP request may take, connect to last byte."""
+    """Seconds one HTTP request may take in all, from connect to the last byte."""
 
     @field_validator("id", mode="before")
     @classmethod

@@ -1,21 +1,28 @@
-"""I/O: one HTTP request to one meter, through one chokepoint.
+"""I/O: the HTTP client for the meters. One request chokepoint, no threads.
 
-Every transport fault becomes a MeterError whose text names the meter by host and devid.
-requests puts the full URL -- devpass included -- into its exception messages, so those
-messages are never passed on: we describe the fault ourselves and drop the chain.
+The meter speaks plain HTTP and closes the connection after every answer, so there is
+nothing to pool or keep alive; what a request costs is the client's own work. A general
+client (requests: ~1 ms of CPU per request here) and a thread per request in flight
+would cost more than everything else the bridge does, and its per-read timeout lets a
+meter that drips its headers hold a request forever. So a request is an `Exchange`: a
+non-blocking socket that the bridge's event loop drives beside hundreds of others, with
+one deadline for the whole request (connect to last byte). `MeterClient.fetch()` runs
+one exchange on a private selector for one-off use (`probe`).
+
+Every fault becomes a MeterError here, whose text names the meter by host and devid. We
+build requests and error messages ourselves, so the PIN (it travels in the query string)
+can never reach an exception text or a log line.
 """
 
 from __future__ import annotations
 
-import http.client
-import logging
-import re
-import threading
+import errno
+import ipaddress
+import os
+import selectors
+import socket
 import time
-
-import requests
-import urllib3.exceptions
-from requests.adapters import HTTPAdapter
+from urllib.parse import urlsplit
 
 from .errors import (
     BodyError,
@@ -28,121 +35,300 @@ from .errors import (
 
 #: A meter body is about 2 KB; anything past this is not a meter talking.
 MAX_BODY = 64 * 1024
+#: Status line and headers; a meter sends a few hundred bytes.
+MAX_HEAD = 8 * 1024
+_RECV = MAX_HEAD + MAX_BODY + 1
+#: Seconds a resolved host name is reused. Meters are usually given by IP address, and
+#: name resolution blocks, so it happens off the loop (see service.py) and not per poll.
+RESOLVE_TTL = 300.0
 
-_local = threading.local()
-_DEVPASS = re.compile(r"(devpass=)[^&\s\"']*")
-
-
-class _RedactPin(logging.Filter):
-    """urllib3 logs every request line at DEBUG, devpass included: mask it there."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if "devpass=" in message:
-            record.msg, record.args = _DEVPASS.sub(r"\1***", message), None
-        return True
-
-
-logging.getLogger("urllib3.connectionpool").addFilter(_RedactPin())
-
-
-def _session() -> requests.Session:
-    # One Session per worker thread: Sessions are not thread-safe, and one per meter would
-    # cost memory across thousands of meters. Meters close every connection anyway.
-    session = getattr(_local, "session", None)
-    if session is None:
-        session = requests.Session()
-        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=1, max_retries=0)
-        session.mount("http://", adapter)
-        session.headers.clear()
-        session.headers["User-Agent"] = "smartmac-bridge"
-        session.trust_env = False  # no proxies for devices on the LAN
-        _local.session = session
-    return session
+_IN_PROGRESS = (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN)
 
 
 class MeterClient:
-    """Talks to one meter. Never called from two threads at once for the same meter."""
+    """How to reach one meter: its address and its prebuilt requests."""
+
+    __slots__ = ("label", "host", "port", "timeout", "_requests", "_address", "_resolved_at")
 
     def __init__(self, url: str, devid: str, pin: str, *, timeout: float = 5.0) -> None:
+        parts = urlsplit(url)
+        if parts.hostname is None:
+            raise ValueError("meter url has no host")
         self.label = f"meter {devid} at {url}"
-        self._pin = pin
-        self._query = f"{url}/?page=getdata&devid={devid}&devpass={pin}"
-        self._timeout = timeout
+        self.host = parts.hostname
+        self.port = parts.port or 80
+        self.timeout = timeout
+        host_header = parts.netloc.encode("idna" if not parts.netloc.isascii() else "ascii")
+        query = f"/?page=getdata&devid={devid}&devpass={pin}"
+        # HTTP/1.0: the answer is never chunked, and ends when the meter closes.
+        self._requests = {
+            pout: (
+                f"GET {query}{'' if pout is None else f'&pout={pout}'} HTTP/1.0\r\n".encode()
+                + b"Host: " + host_header + b"\r\nUser-Agent: smartmac-bridge\r\n\r\n"
+            )
+            for pout in (None, 0, 1)
+        }
+        self._address: tuple[int, tuple[object, ...]] | None = _literal(self.host, self.port)
+        self._resolved_at = float("inf") if self._address is not None else float("-inf")
+
+    # -- addresses ------------------------------------------------------------------------
+
+    def address(self, now: float) -> tuple[int, tuple[object, ...]] | None:
+        """(family, sockaddr), or None when the host name must be resolved (again) first."""
+        if now - self._resolved_at > RESOLVE_TTL:
+            return None
+        return self._address
+
+    def resolve(self) -> MeterError | None:
+        """Look the host name up (blocking: call it off the event loop). None on success."""
+        try:
+            infos = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError) as exc:
+            return MeterUnreachable(f"{self.label}: cannot resolve host ({_reason(exc)})")
+        family, _, _, _, sockaddr = infos[0]
+        self._address = (family, sockaddr)
+        self._resolved_at = time.monotonic()
+        return None
+
+    def forget_address(self) -> None:
+        """After a failure, look a host name up again (the meter may have a new address)."""
+        if self._resolved_at != float("inf"):
+            self._resolved_at = float("-inf")
+
+    # -- requests -----------------------------------------------------------------------
+
+    def exchange(self, pout: int | None, now: float) -> Exchange:
+        """A request ready to start: `pout` None polls, 0/1 also switches the relay."""
+        return Exchange(self, self._requests[pout], now + self.timeout)
 
     def fetch(self, pout: int | None = None) -> bytes:
-        """GET getdata (switching the relay when `pout` is given); return the body.
+        """One blocking request (for `probe`); the body, or a MeterError."""
+        now = time.monotonic()
+        if self.address(now) is None and (error := self.resolve()) is not None:
+            raise error
+        exchange = self.exchange(pout, now)
+        with selectors.DefaultSelector() as selector:
+            exchange.begin(selector, now)
+            while not exchange.done:
+                remaining = exchange.deadline - time.monotonic()
+                if remaining <= 0:
+                    exchange.expire()
+                    break
+                for _key, mask in selector.select(remaining):
+                    exchange.on_event(mask)
+        return exchange.result()
 
-        Raises a MeterError subclass for anything but a complete 200 answer."""
-        url = self._query if pout is None else f"{self._query}&pout={pout}"
-        deadline = time.monotonic() + self._timeout
+
+class Exchange:
+    """One HTTP request on a non-blocking socket, registered with the caller's selector.
+
+    Call begin(), then on_event() for every selector event until `done`, or expire() at
+    the deadline; result() gives the body or raises the MeterError. The socket is closed
+    and unregistered as soon as the exchange is done.
+    """
+
+    __slots__ = (
+        "client", "deadline", "done", "_request", "_sock", "_selector", "_buf", "_error",
+        "_length", "_head_end", "_writing", "_tag",
+    )
+
+    def __init__(self, client: MeterClient, request: bytes, deadline: float) -> None:
+        self.client = client
+        self.deadline = deadline
+        self.done = False
+        self._request = request
+        self._sock: socket.socket | None = None
+        self._selector: selectors.BaseSelector | None = None
+        self._buf = bytearray()
+        self._error: MeterError | None = None
+        self._head_end = -1
+        self._length: int | None = None
+        self._writing = True
+        self._tag: object = None
+
+    def begin(self, selector: selectors.BaseSelector, now: float, tag: object = None) -> None:
+        """Start connecting; the socket is registered with `tag` as its data (default: self)."""
+        address = self.client.address(now)
+        if address is None:
+            self._fail(MeterUnreachable(f"{self.client.label}: host name not resolved"))
+            return
+        family, sockaddr = address
         try:
-            with _session().get(
-                url, timeout=self._timeout, stream=True, allow_redirects=False
-            ) as response:
-                status = response.status_code
-                if status != 200:
-                    raise self._status_error(status)
-                return self._read(response, deadline)
-        except MeterError:
-            raise
-        except (requests.Timeout, urllib3.exceptions.TimeoutError):
-            raise MeterUnreachable(
-                f"{self.label}: no answer within {self._timeout:g} s"
-            ) from None
-        except (
-            requests.RequestException,
-            urllib3.exceptions.HTTPError,  # raised by the body read, outside requests
-            http.client.HTTPException,
-            OSError,
-        ) as exc:
-            raise MeterUnreachable(f"{self.label}: {self._describe(exc)}") from None
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as exc:  # out of file descriptors, typically
+            self._fail(MeterUnreachable(f"{self.client.label}: {_reason(exc)}"))
+            return
+        sock.setblocking(False)
+        self._sock = sock
+        code = sock.connect_ex(sockaddr)
+        if code and code not in _IN_PROGRESS:
+            self._fail(MeterUnreachable(f"{self.client.label}: {os.strerror(code)}"))
+            return
+        self._selector = selector
+        self._tag = self if tag is None else tag
+        selector.register(sock, selectors.EVENT_WRITE, self._tag)
 
-    def _read(self, response: requests.Response, deadline: float) -> bytes:
-        body = bytearray()
-        raw = response.raw
-        while chunk := raw.read1(16384):
-            body += chunk
-            if len(body) > MAX_BODY:
-                raise BodyError(f"{self.label}: answer longer than {MAX_BODY} bytes")
-            # The read timeout applies per recv(); a meter dripping one byte at a time would
-            # pass it forever, so the whole answer has a deadline too.
-            if time.monotonic() > deadline:
-                raise MeterUnreachable(
-                    f"{self.label}: answer not complete within {self._timeout:g} s"
-                )
-        return bytes(body)
+    def on_event(self, mask: int) -> None:
+        """The socket is ready: connect done, request out, or answer bytes in."""
+        sock = self._sock
+        if sock is None or self.done:
+            return
+        if self._writing:
+            code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if code:
+                self._fail(MeterUnreachable(f"{self.client.label}: {os.strerror(code)}"))
+                return
+            try:
+                sent = sock.send(self._request)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._fail(MeterUnreachable(f"{self.client.label}: {_reason(exc)}"))
+                return
+            self._request = self._request[sent:]
+            if self._request:
+                return  # never for a request this small, but a partial send is legal
+            self._writing = False
+            assert self._selector is not None
+            self._selector.modify(sock, selectors.EVENT_READ, self._tag)
+            return
+        try:
+            chunk = sock.recv(_RECV)
+        except BlockingIOError:
+            return
+        except OSError as exc:  # reset by the meter, typically
+            self._fail(MeterUnreachable(f"{self.client.label}: {_reason(exc)}"))
+            return
+        if not chunk:
+            self._finish(eof=True)
+            return
+        self._buf += chunk
+        self._finish(eof=False)
 
-    def _status_error(self, status: int) -> MeterError:
-        if status == 429:
-            return MeterRateLimited(
-                f"{self.label}: HTTP 429, asked too often (another client polling it, a"
-                " standard meter configured as extended, or a restart within its limit)"
-            )
-        if status in (401, 403):
-            return MeterAuthError(f"{self.label}: HTTP {status}, devid/PIN refused")
-        return MeterHTTPError(f"{self.label}: HTTP {status}")
+    def expire(self) -> None:
+        """The deadline passed: give up on this request."""
+        if self.done:
+            return
+        timeout = f"{self.client.timeout:g} s"
+        if self._writing:
+            text = f"no connection within {timeout}"
+        elif not self._buf:
+            text = f"no answer within {timeout}"
+        else:
+            text = f"answer not complete within {timeout}"
+        self._fail(MeterUnreachable(f"{self.client.label}: {text}"))
 
-    def _describe(self, exc: BaseException) -> str:
-        # Find the OS-level reason ("Connection refused") under urllib3's wrappers; their
-        # own messages carry the URL and so the PIN.
-        seen: set[int] = set()
-        stack: list[BaseException] = [exc]
-        fallback = type(exc).__name__
-        while stack:
-            current = stack.pop()
-            if id(current) in seen:
-                continue
-            seen.add(id(current))
-            # requests' own errors are OSErrors too, but their text is the URL: skip them.
-            if isinstance(current, OSError) and not isinstance(current, requests.RequestException):
-                if current.strerror:  # "Connection refused"
-                    return current.strerror.replace(self._pin, "***")
-                if fallback == type(exc).__name__ and str(current):
-                    # e.g. RemoteDisconnected: "Remote end closed connection without response"
-                    fallback = _DEVPASS.sub(r"\1***", str(current)).replace(self._pin, "***")
-            stack.extend(a for a in current.args if isinstance(a, BaseException))
-            for linked in (current.__cause__, current.__context__, getattr(current, "reason", None)):
-                if isinstance(linked, BaseException):
-                    stack.append(linked)
-        return fallback
+    def abort(self) -> None:
+        """Drop the request without a result (shutdown)."""
+        if not self.done:
+            self._fail(MeterUnreachable(f"{self.client.label}: request abandoned"))
+
+    def result(self) -> bytes:
+        """The body of a complete 200 answer; else raises the MeterError."""
+        if self._error is not None:
+            raise self._error
+        if not self.done:
+            raise RuntimeError("exchange still running")
+        return bytes(self._buf[self._head_end :])
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _finish(self, *, eof: bool) -> None:
+        """Check what has arrived; close when the answer is complete or cannot be."""
+        buf = self._buf
+        if self._head_end < 0:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buf) > MAX_HEAD:
+                    self._fail(BodyError(f"{self.client.label}: answer headers too long"))
+                elif eof:
+                    self._fail(self._cut_short())
+                return
+            error = self._parse_head(bytes(buf[:end]))
+            if error is not None:
+                self._fail(error)
+                return
+            self._head_end = end + 4
+        body = len(buf) - self._head_end
+        if body > MAX_BODY:
+            self._fail(BodyError(f"{self.client.label}: answer longer than {MAX_BODY} bytes"))
+            return
+        length = self._length
+        if length is not None and body >= length:
+            del buf[self._head_end + length :]
+        elif not eof:
+            return  # more to come
+        elif length is not None:
+            self._fail(BodyError(f"{self.client.label}: answer cut short"))
+            return
+        self._close()
+
+    def _parse_head(self, head: bytes) -> MeterError | None:
+        lines = head.split(b"\r\n")
+        status = lines[0].split(None, 2)
+        if len(status) < 2 or not status[0].startswith(b"HTTP/") or not status[1].isdigit():
+            return BodyError(f"{self.client.label}: answer is not HTTP")
+        code = int(status[1])
+        if code != 200:
+            return _status_error(self.client.label, code)
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == b"content-length":
+                text = value.strip()
+                if not text.isdigit():
+                    return BodyError(f"{self.client.label}: answer has a bad Content-Length")
+                self._length = int(text)
+            elif name == b"transfer-encoding" and value.strip().lower() != b"identity":
+                # Not allowed in an answer to HTTP/1.0; no meter has been seen to do it.
+                return BodyError(f"{self.client.label}: answer uses a transfer encoding")
+        return None
+
+    def _cut_short(self) -> MeterError:
+        if not self._buf:
+            return MeterUnreachable(f"{self.client.label}: connection closed without an answer")
+        return BodyError(f"{self.client.label}: answer cut short")
+
+    def _fail(self, error: MeterError) -> None:
+        self._error = error
+        self._close()
+
+    def _close(self) -> None:
+        self.done = True
+        sock, self._sock = self._sock, None
+        if sock is None:
+            return
+        if self._selector is not None:
+            try:
+                self._selector.unregister(sock)
+            except (KeyError, ValueError):
+                pass
+        sock.close()
+
+
+def _status_error(label: str, status: int) -> MeterError:
+    if status == 429:
+        return MeterRateLimited(
+            f"{label}: HTTP 429, asked too often (another client polling it, a"
+            " standard meter configured as extended, or a restart within its limit)"
+        )
+    if status in (401, 403):
+        return MeterAuthError(f"{label}: HTTP {status}, devid/PIN refused")
+    return MeterHTTPError(f"{label}: HTTP {status}")
+
+
+def _literal(host: str, port: int) -> tuple[int, tuple[object, ...]] | None:
+    """(family, sockaddr) for an IP address literal; None for a host name."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if ip.version == 6:
+        return socket.AF_INET6, (host, port, 0, 0)
+    return socket.AF_INET, (host, port)
+
+
+def _reason(exc: BaseException) -> str:
+    # The OS's own words ("Connection reset by peer"); our requests never carry a URL
+    # into an OSError, but the strerror is all we pass on anyway.
+    return getattr(exc, "strerror", None) or type(exc).__name__

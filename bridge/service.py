@@ -1,24 +1,29 @@
 """Glue: schedule -> meter -> readings -> topics -> MQTT, plus commands and availability.
 
-Threads: one scheduler thread decides who is due; daemon workers do the HTTP (a slow or
-dead meter holds one worker, never the others); paho's network thread delivers commands.
-Shared state lives under one Condition. HTTP is never done while holding it; MQTT
-publishes under it only queue into paho.
+One thread, the loop, owns all the bridge's state: it decides who is due, drives every
+HTTP request in flight on one selector (a slow or dead meter holds one socket until its
+deadline, never the others), parses the answers and hands the messages to the MQTT link.
+paho's network thread only queues incoming commands for the loop and wakes it. No
+locks around the state, no thread per request: at 2,000 meters that is what keeps the
+cost per poll small and the schedule on time.
 """
 
 from __future__ import annotations
 
+import collections
+import heapq
+import itertools
 import logging
-import queue
+import os
+import selectors
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import __version__
 from .config import DeviceSettings, MqttSettings, min_gap
-from .errors import BodyError, CommandError, MeterError
-from .meter import MeterClient
+from .errors import BodyError, CommandError, MeterError, MeterUnreachable
+from .meter import Exchange, MeterClient
 from .mqtt import MqttLink
 from .readings import Snapshot, parse_body
 from .schedule import Scheduler
@@ -45,13 +50,15 @@ logger = logging.getLogger(__name__)
 
 #: Consecutive failed requests after which a meter is published offline.
 FAILURES_OFFLINE = 3
-#: Most requests in flight at once. Healthy requests take milliseconds; only dead meters
-#: hold a worker for their whole timeout, so this leaves room for hundreds of them.
-MAX_WORKERS = 256
 #: Seconds a command gets beyond its 2 intervals. The second slot after a command comes a
 #: gap plus the 50 ms guard plus the meter's answer time after the first: without this,
 #: a command arriving just after a poll would miss its one repeat by a few milliseconds.
 COMMAND_SLACK = 1.0
+#: Most seconds between the first polls of two meters at start. Without a spread every
+#: meter would be due at the same instant, at start and then every interval, and the
+#: last of 2,000 would always be served late; with it the first polls of 2,000 extended
+#: meters spread evenly over one interval, and of a few meters over a few milliseconds.
+START_SPREAD = 0.005
 
 
 @dataclass(slots=True, eq=False)
@@ -64,7 +71,7 @@ class Command:
 
 @dataclass(slots=True, eq=False)
 class Meter:
-    """Runtime state of one configured meter."""
+    """Runtime state of one configured meter. Touched by the loop thread only."""
 
     device: DeviceSettings
     client: MeterClient
@@ -77,65 +84,13 @@ class Meter:
     """The newest command not yet confirmed: what the next request carries."""
     sending: Command | None = None
     """The command carried by the request in flight, if any."""
+    exchange: Exchange | None = None
+    """The request in flight, if any."""
+    started: float = 0.0
+    """When that request started (monotonic)."""
+    resolving: bool = False
+    """A thread is looking up the meter's host name; the request starts when it is done."""
     rejected_logged: set[str] = field(default_factory=set)
-
-
-class Workers:
-    """Daemon worker threads, started as needed up to a limit.
-
-    Not ThreadPoolExecutor: its threads are joined at interpreter exit, so a request
-    hanging on a dead meter would hold up the bridge's exit for the whole timeout.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self._limit = limit
-        self._queue: queue.SimpleQueue[tuple[Callable[..., None], tuple[object, ...]] | None] = (
-            queue.SimpleQueue()
-        )
-        self._lock = threading.Lock()
-        self._threads = 0
-        self._idle = 0
-        self._pending = 0
-
-    def submit(self, job: Callable[..., None], *args: object) -> None:
-        # Queued first: if no thread can be started, a running worker still takes it.
-        self._queue.put((job, args))
-        with self._lock:
-            self._pending += 1
-            spawn = self._pending > self._idle and self._threads < self._limit
-            if spawn:
-                self._threads += 1
-        if spawn:
-            try:
-                threading.Thread(target=self._work, name="meter", daemon=True).start()
-            except RuntimeError:  # "can't start new thread": the OS is out of them
-                with self._lock:
-                    self._threads -= 1
-                logger.warning("cannot start another worker thread; requests will queue")
-
-    def shutdown(self) -> None:
-        """Idle workers exit; busy ones exit after their request (or with the process)."""
-        with self._lock:
-            count = self._threads
-        for _ in range(count):
-            self._queue.put(None)
-
-    def _work(self) -> None:
-        while True:
-            with self._lock:
-                self._idle += 1
-            item = self._queue.get()
-            with self._lock:
-                self._idle -= 1
-                if item is not None:
-                    self._pending -= 1
-            if item is None:
-                return
-            job, args = item
-            try:
-                job(*args)
-            except Exception:  # a bug must cost one request, not the worker
-                logger.exception("unexpected error in a meter request")
 
 
 class Bridge:
@@ -166,14 +121,29 @@ class Bridge:
             subscriptions=[command_subscription(self.base)],
             on_message=self._on_message,
         )
-        self._cond = threading.Condition()
+        self.lags: list[float] | None = None
+        """Set to a list to record, for every request, its start minus its planned time (s)."""
         self._schedule: Scheduler[str] = Scheduler()
-        self._stopping = False
-        self._workers = Workers(MAX_WORKERS)
-        self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
-        # Segments of the meters with a command: an index, so the scheduler loop does not
-        # scan every meter on every wake-up.
+        self._selector = selectors.DefaultSelector()
+        self._deadlines: list[tuple[float, int, Meter, Exchange]] = []
+        self._tiebreak = itertools.count()
+        # Segments of the meters with a command: an index, so the loop does not scan every
+        # meter on every wake-up.
         self._waiting: set[str] = set()
+        # What one turn of the loop publishes, sent together at its end.
+        self._out: list[tuple[str, bytes]] = []
+        self._events: list[tuple[str, bytes]] = []
+        # From other threads to the loop: the inbox, and a pipe byte to wake it.
+        self._inbox_lock = threading.Lock()
+        self._inbox: collections.deque[tuple[object, ...]] = collections.deque()
+        self._wake_pending = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._stopping = False
+        self._closed = False  # the loop is gone: commands are answered where they arrive
+        self._thread = threading.Thread(target=self._run, name="bridge-loop", daemon=True)
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -196,67 +166,159 @@ class Bridge:
         # failures.
         self.link.publish_many([(self._availability, ONLINE), (bridge_info(self.base), info)])
         now = time.monotonic()
-        with self._cond:
-            for segment, meter in self._meters.items():
-                self._schedule.add(
-                    segment,
-                    interval=meter.device.poll_interval,
-                    min_gap=min_gap(meter.device.extended),
-                    now=now,
-                )
+        spread = min(
+            (min(m.device.poll_interval for m in self._meters.values()) / len(self._meters))
+            if self._meters
+            else 0.0,
+            START_SPREAD,
+        )
+        for index, (segment, meter) in enumerate(self._meters.items()):
+            self._schedule.add(
+                segment,
+                interval=meter.device.poll_interval,
+                min_gap=min_gap(meter.device.extended),
+                now=now + index * spread,
+            )
         self.link.start()
         self._thread.start()
         logger.info("bridge started with %d meter(s) under %s/", len(self._meters), self.base)
 
     def stop(self) -> None:
         """Fail open commands, publish offline everywhere, disconnect. Returns promptly."""
-        with self._cond:
+        with self._inbox_lock:
             if self._stopping:
                 return
             self._stopping = True
-            open_results = []
-            for meter in self._meters.values():
-                # The waiting command and, if different, the one in flight: one result each.
-                open_commands = len({meter.command, meter.sending} - {None})
-                open_results += [meter.topics.relay_result] * open_commands
-                meter.command = meter.sending = None
-            self._waiting.clear()
-            self._cond.notify_all()
-        for topic in open_results:
-            self.link.publish_event(topic, result_error("bridge shutting down"))
-        # Requests in flight are abandoned (each ends by its own timeout, or with the
-        # process); their results are dropped because _stopping is set.
-        self._workers.shutdown()
+        self._wake()
+        if self._thread.is_alive():
+            # The loop answers open commands and abandons requests in flight: nothing
+            # waits for a dead meter. It never blocks, so this join is short.
+            self._thread.join(timeout=2)
+        else:
+            self._close()  # never started
         final = [(m.topics.availability, OFFLINE) for m in self._meters.values()]
         final.append((self._availability, OFFLINE))
         self.link.stop(final)
-        self._thread.join(timeout=2)
         logger.info("bridge stopped")
 
-    # -- scheduling (scheduler thread) --------------------------------------------------
+    # -- the loop -------------------------------------------------------------------------
 
     def _run(self) -> None:
-        with self._cond:
-            while not self._stopping:
-                try:
-                    wake = self._dispatch(time.monotonic())
-                except Exception:
-                    # This thread is the bridge's heartbeat: a bug here must not stop all
-                    # polling while the bridge still says online. Log it and go on.
-                    logger.exception("scheduler error; continuing")
-                    wake = time.monotonic() + 1.0
-                self._cond.wait(None if wake is None else max(0.0, wake - time.monotonic()))
+        wake: float | None = time.monotonic()
+        while not self._stopping:
+            timeout = None if wake is None else max(0.0, wake - time.monotonic())
+            try:
+                events = self._selector.select(timeout)
+                wake = self._turn(events)
+            except Exception:
+                # This thread is the bridge's heartbeat: a bug here must not stop all
+                # polling while the bridge still says online. Log it and go on.
+                logger.exception("error in the bridge loop; continuing")
+                self._out.clear()
+                self._events.clear()
+                wake = time.monotonic() + 1.0
+        self._close()
 
-    def _dispatch(self, now: float) -> float | None:
-        """Fail expired commands, start due requests; the next time to wake. Lock held."""
+    def _turn(self, events: list[tuple[selectors.SelectorKey, int]]) -> float | None:
+        """One turn: progress requests, take commands, start due requests, publish.
+
+        Returns the next time the loop must wake up by itself."""
+        # Taken after select() returned: no earlier than any answer that woke us, which
+        # keeps the gap rule on the safe side (see Scheduler.finished).
+        now = time.monotonic()
+        for key, mask in events:
+            meter = key.data
+            if meter is None:
+                self._drain_wake()
+                continue
+            exchange = meter.exchange
+            if exchange is None:
+                continue
+            exchange.on_event(mask)
+            if exchange.done:
+                self._complete(meter, now)
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            _, _, meter, exchange = heapq.heappop(deadlines)
+            if meter.exchange is exchange:
+                exchange.expire()
+                self._complete(meter, now)
+        if self._inbox:
+            self._take_inbox()
+        now = time.monotonic()
         self._expire_commands(now)
-        for segment, _planned in self._schedule.pop_due(now):
-            self._workers.submit(self._request, self._meters[segment])
-        return min(
-            (t for t in (self._schedule.next_due(), self._next_command_deadline()) if t is not None),
-            default=None,
-        )
+        for segment, planned in self._schedule.pop_due(now):
+            self._begin(self._meters[segment], planned)
+        if self._out:
+            self.link.publish_many(self._out)
+            self._out = []
+        if self._events:
+            # After the state, so whoever waits for a result finds the relay topic updated.
+            for topic, payload in self._events:
+                self.link.publish_event(topic, payload)
+            self._events = []
+        candidates = [
+            t
+            for t in (
+                self._schedule.next_due(),
+                self._next_command_deadline(),
+                deadlines[0][0] if deadlines else None,
+            )
+            if t is not None
+        ]
+        return min(candidates, default=None)
 
+    def _close(self) -> None:
+        """The loop ends: answer every open command, abandon requests, refuse new work."""
+        with self._inbox_lock:
+            self._closed = True
+            inbox, self._inbox = list(self._inbox), collections.deque()
+        shutting_down = result_error("bridge shutting down")
+        for item in inbox:
+            if item[0] == "command":
+                meter = self._command_meter(item[1], retain=item[3])  # type: ignore[arg-type]
+                if meter is not None:
+                    self.link.publish_event(meter.topics.relay_result, shutting_down)
+        for meter in self._meters.values():
+            # The waiting command and, if different, the one in flight: one result each.
+            for _ in {meter.command, meter.sending} - {None}:
+                self.link.publish_event(meter.topics.relay_result, shutting_down)
+            meter.command = meter.sending = None
+            if meter.exchange is not None:
+                meter.exchange.abort()
+                meter.exchange = None
+        self._waiting.clear()
+        self._selector.close()
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except (BlockingIOError, OSError):
+            pass  # the pipe is full (the loop wakes anyway) or already closed
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _take_inbox(self) -> None:
+        with self._inbox_lock:
+            inbox, self._inbox = self._inbox, collections.deque()
+            self._wake_pending = False
+        for item in inbox:
+            if item[0] == "command":
+                _, topic, payload, retain = item
+                self._command(topic, payload, retain)  # type: ignore[arg-type]
+            else:
+                _, meter, error = item
+                self._resolved(meter, error)  # type: ignore[arg-type]
     def _next_command_deadline(self) -> float | None:
         # A meter in flight is left out: its command is decided when the request ends, and
         # a deadline already past would otherwise make this loop spin.
@@ -278,12 +340,10 @@ class Bridge:
                 continue
             if self._schedule.timing(segment).in_flight:
                 continue  # decided when that request ends
-            self.link.publish_event(
-                self._meters[segment].topics.relay_result, self._expire(segment)
-            )
+            self._events.append((self._meters[segment].topics.relay_result, self._expire(segment)))
 
     def _expire(self, segment: str) -> bytes:
-        """Drop the meter's command as unconfirmed; the result payload. Lock held."""
+        """Drop the meter's command as unconfirmed; the result payload."""
         meter = self._meters[segment]
         meter.command = None
         self._waiting.discard(segment)
@@ -297,54 +357,94 @@ class Bridge:
         logger.warning("%s: relay command failed: %s", meter.client.label, reason)
         return result_error(reason)
 
-    # -- one request (worker thread) ----------------------------------------------------
+    # -- one request --------------------------------------------------------------------
 
-    def _request(self, meter: Meter) -> None:
-        segment = meter.device.segment
-        with self._cond:
-            if self._stopping:
-                return
-            command = meter.sending = meter.command
-        pout = None if command is None else pout_for(command.target, meter.device.relay_inverted)
+    def _begin(self, meter: Meter, planned: float) -> None:
+        """Start the meter's request (it is due); a command rides along if one waits."""
         started = time.monotonic()
+        client = meter.client
+        if client.address(started) is None:
+            if not meter.resolving:
+                # Name lookups block; a daemon thread does it, and the request starts when
+                # it is done (the scheduler keeps the meter "in flight" meanwhile).
+                meter.resolving = True
+                threading.Thread(
+                    target=self._resolve, args=(meter,), name="resolve", daemon=True
+                ).start()
+            return
+        if self.lags is not None:
+            self.lags.append(started - planned)
+        command = meter.sending = meter.command
+        pout = None if command is None else pout_for(command.target, meter.device.relay_inverted)
+        exchange = client.exchange(pout, started)
+        meter.exchange = exchange
+        meter.started = started
+        exchange.begin(self._selector, started, meter)
+        if exchange.done:  # failed at once (no file descriptors left, say)
+            self._complete(meter, time.monotonic())
+            return
+        heapq.heappush(
+            self._deadlines, (exchange.deadline, next(self._tiebreak), meter, exchange)
+        )
+
+    def _resolve(self, meter: Meter) -> None:
+        """Resolver thread: look the host up, hand the outcome to the loop."""
+        error = meter.client.resolve()
+        self._post(("resolved", meter, error))
+
+    def _resolved(self, meter: Meter, error: MeterError | None) -> None:
+        meter.resolving = False
+        if self._stopping:
+            return
+        if error is None:
+            self._begin(meter, time.monotonic())
+            return
+        # Counted as a failed request, with the same bookkeeping.
+        meter.started = time.monotonic()
+        meter.sending = meter.command
+        self._finish(meter, None, error, meter.started)
+
+    def _complete(self, meter: Meter, ended: float) -> None:
+        """The meter's request is over (answer, failure or deadline): handle its outcome."""
+        exchange = meter.exchange
+        assert exchange is not None
+        meter.exchange = None
         snap: Snapshot | None = None
         error: MeterError | None = None
+        label = meter.client.label
         try:
-            body = meter.client.fetch(pout)
-            try:
-                snap = parse_body(body)
-            except BodyError as exc:
-                raise BodyError(f"{meter.client.label}: {exc}") from None
+            snap = parse_body(exchange.result())
             if snap.devid != meter.device.id:
-                raise BodyError(
-                    f"{meter.client.label}: answered as devid {snap.devid}, not {meter.device.id}"
-                )
+                raise BodyError(f"{label}: answered as devid {snap.devid}, not {meter.device.id}")
+        except BodyError as exc:
+            text = str(exc)
+            error = exc if text.startswith(label) else BodyError(f"{label}: {text}")
         except MeterError as exc:
-            error, snap = exc, None
+            error = exc
+            if isinstance(exc, MeterUnreachable):
+                meter.client.forget_address()
         except Exception:  # a bug must cost one read, never the meter's schedule
-            logger.exception("%s: unexpected error", meter.client.label)
-            error, snap = MeterError(f"{meter.client.label}: internal error"), None
-        ended = time.monotonic()
-        with self._cond:
-            if self._stopping:
-                return
-            meter.sending = None
-            self._schedule.finished(segment, started, ended, command=command is not None)
-            try:
-                if snap is not None:
-                    messages = self._good_read(meter, snap)
-                else:
-                    messages = self._failed_read(meter, error)
-                results = self._settle(meter, segment, command, good=snap is not None)
-            except Exception:
-                logger.exception("%s: unexpected error handling a read", meter.client.label)
-                messages, results = [], []
-            self._cond.notify()
-        # Results go after the state, so whoever waits for one finds the relay topic updated.
-        if messages:
-            self.link.publish_many(messages)
+            logger.exception("%s: unexpected error", label)
+            error = MeterError(f"{label}: internal error")
+        self._finish(meter, snap, error, ended)
+
+    def _finish(
+        self, meter: Meter, snap: Snapshot | None, error: MeterError | None, ended: float
+    ) -> None:
+        segment = meter.device.segment
+        command, meter.sending = meter.sending, None
+        self._schedule.finished(segment, meter.started, ended, command=command is not None)
+        try:
+            if snap is not None:
+                self._out.extend(self._good_read(meter, snap))
+            else:
+                self._out.extend(self._failed_read(meter, error))
+            results = self._settle(meter, segment, command, good=snap is not None)
+        except Exception:
+            logger.exception("%s: unexpected error handling a read", meter.client.label)
+            return
         for result in results:
-            self.link.publish_event(meter.topics.relay_result, result)
+            self._events.append((meter.topics.relay_result, result))
 
     def _good_read(self, meter: Meter, snap: Snapshot) -> list[tuple[str, bytes]]:
         relay = relay_from_pout(snap.pout, meter.device.relay_inverted)
@@ -381,7 +481,7 @@ class Bridge:
     def _settle(
         self, meter: Meter, segment: str, sent: Command | None, *, good: bool
     ) -> list[bytes]:
-        """After a request: confirm, keep or fail commands. Lock held; returns results."""
+        """After a request: confirm, keep or fail commands; the results to publish."""
         results = []
         if sent is not None:
             # Judged by what the meter reports, not by the HTTP status of the request.
@@ -402,55 +502,81 @@ class Bridge:
             results.append(self._expire(segment))
         return results
 
-    # -- commands (paho thread) ---------------------------------------------------------
+    # -- commands -----------------------------------------------------------------------
 
     def _on_message(self, topic: str, payload: bytes, retain: bool) -> None:
-        segment = command_segment(self.base, topic)
-        if segment is None:
+        """paho's thread: hand the message to the loop (or answer it, once the loop is gone)."""
+        if command_segment(self.base, topic) is None:
             return  # not a command (some brokers push other clients' retained topics at us)
-        meter = self._meters.get(segment)
+        with self._inbox_lock:
+            if not self._closed:
+                self._inbox.append(("command", topic, payload, retain))
+                wake, self._wake_pending = not self._wake_pending, True
+                if wake:
+                    self._wake()
+                return
+        meter = self._command_meter(topic, retain=retain)
+        if meter is not None:
+            self.link.publish_event(meter.topics.relay_result, result_error("bridge shutting down"))
+
+    def _post(self, item: tuple[object, ...]) -> None:
+        with self._inbox_lock:
+            if self._closed:
+                return
+            self._inbox.append(item)
+            wake, self._wake_pending = not self._wake_pending, True
+            if wake:
+                self._wake()
+
+    def _command_meter(self, topic: str, *, retain: bool) -> Meter | None:
+        """The meter a command is for, or None (logged) if it is to be ignored."""
+        segment = command_segment(self.base, topic)
+        meter = self._meters.get(segment) if segment is not None else None
         if meter is None:
             logger.debug("ignoring a command on %s: no meter has that topic", topic)
-            return
+            return None
         if retain:
             # Stale by definition: replaying it would switch the relay on every reconnect.
             logger.warning(
                 "ignored a retained command on %s: publish commands without the retain flag",
                 topic,
             )
+            return None
+        return meter
+
+    def _command(self, topic: str, payload: bytes, retain: bool) -> None:
+        """The loop: take a command for a meter's relay."""
+        meter = self._command_meter(topic, retain=retain)
+        if meter is None:
             return
+        result = meter.topics.relay_result
         try:
             action = parse_command(payload)
         except CommandError as exc:
             logger.info("rejected command on %s: %s", topic, exc)
-            self.link.publish_event(meter.topics.relay_result, result_error(str(exc)))
+            self._events.append((result, result_error(str(exc))))
             return
-        with self._cond:
-            if self._stopping:
-                self.link.publish_event(meter.topics.relay_result, result_error("bridge shutting down"))
+        previous = meter.command
+        if action is Action.TOGGLE:
+            # Toggle the state the relay is heading for: a pending command's target if
+            # there is one, else what the meter last reported.
+            base = previous.target if previous is not None else meter.relay
+            if base is None:
+                self._events.append(
+                    (result, result_error("relay state not known yet; send ON or OFF"))
+                )
                 return
-            previous = meter.command
-            if action is Action.TOGGLE:
-                # Toggle the state the relay is heading for: a pending command's target if
-                # there is one, else what the meter last reported.
-                base = previous.target if previous is not None else meter.relay
-                if base is None:
-                    self.link.publish_event(
-                        meter.topics.relay_result,
-                        result_error("relay state not known yet; send ON or OFF"),
-                    )
-                    return
-                target = base.inverse()
-            else:
-                target = Relay(action.value)
-            meter.command = Command(
-                target, deadline=time.monotonic() + 2 * meter.device.poll_interval + COMMAND_SLACK
-            )
-            self._waiting.add(segment)
-            self._schedule.hurry(segment)
-            self._cond.notify()
-            if previous is not None and previous is not meter.sending:
-                # Still waiting for its slot: the last command wins. (One already on its
-                # way is judged by the meter's answer when the request ends.)
-                self.link.publish_event(meter.topics.relay_result, result_error("superseded"))
+            target = base.inverse()
+        else:
+            target = Relay(action.value)
+        segment = meter.device.segment
+        meter.command = Command(
+            target, deadline=time.monotonic() + 2 * meter.device.poll_interval + COMMAND_SLACK
+        )
+        self._waiting.add(segment)
+        self._schedule.hurry(segment)
+        if previous is not None and previous is not meter.sending:
+            # Still waiting for its slot: the last command wins. (One already on its way
+            # is judged by the meter's answer when the request ends.)
+            self._events.append((result, result_error("superseded")))
         logger.info("relay command %s for %s", target.value, meter.client.label)

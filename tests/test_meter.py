@@ -56,7 +56,7 @@ def test_pout_switches(setup: tuple[Simulator, SimMeter]) -> None:
 @pytest.mark.parametrize(
     ("fault", "error", "text"),
     [
-        ("refuse", MeterUnreachable, "closed connection without response"),
+        ("refuse", MeterUnreachable, "connection closed without an answer"),
         ("hang", MeterUnreachable, "no answer within 1 s"),
         ("drip", MeterUnreachable, "not complete within 1 s"),
         ("http500", MeterHTTPError, "HTTP 500"),
