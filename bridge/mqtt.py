@@ -4,6 +4,11 @@ It remembers the last payload of every retained topic and publishes all of them 
 every (re)connect: a restarted broker without persistence has forgotten them. While the
 broker is away, retained publishes only update that memory, so an outage costs a bounded
 amount of RAM (one payload per topic) instead of a queue that grows with every poll.
+
+At QoS 0 the retained state of a whole turn of the bridge's loop (dozens of messages per
+meter, thousands a second for a large fleet) goes to paho as one buffer of ready-made
+PUBLISH packets: paho's publish() costs tens of microseconds and a wake-up of its network
+thread per message, more than everything else a poll costs. See _RawPublisher.
 """
 
 from __future__ import annotations
@@ -84,6 +89,7 @@ class MqttLink:
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
         self._client = client
+        self._raw = _RawPublisher.attach(client) if self._qos == 0 else None
 
     def start(self) -> None:
         """Connect in the background; paho keeps retrying until stop()."""
@@ -118,6 +124,9 @@ class MqttLink:
         with self._lock:
             self._retained.update(messages)
             if self._connected:
+                if self._raw is not None:
+                    self._raw.publish_retained(messages)
+                    return
                 publish, qos = self._client.publish, self._qos
                 for topic, payload in messages:
                     publish(topic, payload, qos=qos, retain=True)
@@ -209,3 +218,55 @@ def _drop_unsent_retained(client: paho.Client) -> None:
     with lock:
         for mid in [mid for mid, message in messages.items() if message.retain]:
             del messages[mid]
+
+
+class _RawPublisher:
+    """Retained QoS 0 publishes, encoded here and handed to paho as one buffer.
+
+    A QoS 0 PUBLISH has no packet id and no state: it is a fixed header, the topic and the
+    payload (MQTT 3.1.1, 3.3). Several of them back to back are what paho would write
+    anyway, so a buffer of them goes through paho's own output queue (`_packet_queue`,
+    the call publish() ends in) and is written in order with paho's other packets, by
+    paho's thread, on the current connection only (paho clears that queue on reconnect).
+    `_packet_queue` is private: attach() returns None when a paho release lacks it, and
+    the link falls back to publish() per message.
+    """
+
+    __slots__ = ("_queue", "_topics")
+
+    def __init__(self, queue: Callable[..., object]) -> None:
+        self._queue = queue
+        self._topics: dict[str, bytes] = {}  # topic -> its length-prefixed UTF-8 form
+
+    @classmethod
+    def attach(cls, client: paho.Client) -> _RawPublisher | None:
+        queue = getattr(client, "_packet_queue", None)
+        return cls(queue) if callable(queue) else None
+
+    def publish_retained(self, messages: list[tuple[str, bytes]]) -> None:
+        topics = self._topics
+        parts: list[bytes] = []
+        for topic, payload in messages:
+            encoded = topics.get(topic)
+            if encoded is None:
+                raw = topic.encode()
+                encoded = topics[topic] = len(raw).to_bytes(2, "big") + raw
+            parts += (_fixed_header(len(encoded) + len(payload)), encoded, payload)
+        info = paho.MQTTMessageInfo(0)
+        self._queue(paho.PUBLISH, b"".join(parts), 0, 0, info)
+
+
+_RETAINED_QOS0 = 0x31  # PUBLISH, DUP 0, QoS 0, RETAIN 1
+_SHORT_HEADERS = [bytes((_RETAINED_QOS0, n)) for n in range(128)]
+
+
+def _fixed_header(remaining: int) -> bytes:
+    """Packet type and flags, then the remaining length as MQTT's variable-length integer."""
+    if remaining < 128:
+        return _SHORT_HEADERS[remaining]
+    out = bytearray((_RETAINED_QOS0,))
+    while True:
+        remaining, digit = remaining >> 7, remaining & 0x7F
+        out.append(digit | 0x80 if remaining else digit)
+        if not remaining:
+            return bytes(out)

@@ -233,15 +233,15 @@ def test_republishes_everything_after_a_broker_restart(
     sim = rig.simulator([three, one])
     probe = rig.probe("smartmac/#")
     bridge = rig.bridge([device(sim, three, topic="garage"), device(sim, one, topic="one")])
-    for topic in ("smartmac/one/relay", "smartmac/garage/relay"):
-        probe.wait_for(topic)  # the last of each meter's messages
+    topics = ("smartmac/bridge/availability", "smartmac/bridge/info", "smartmac/one/state",
+              "smartmac/one/V1", "smartmac/one/relay", "smartmac/one/availability",
+              "smartmac/garage/state", "smartmac/garage/availability")
+    for topic in topics:
+        probe.wait_for(topic)
     before = {m.topic: m.payload for m in probe.messages}
     probe.stop()
 
     rig.broker.restart()  # no persistence: every retained message is gone
-    topics = ("smartmac/bridge/availability", "smartmac/bridge/info", "smartmac/one/state",
-              "smartmac/one/V1", "smartmac/one/relay", "smartmac/one/availability",
-              "smartmac/garage/state", "smartmac/garage/availability")
     # Whether this probe connects before or after the bridge's replay, it sees every topic.
     fresh = rig.probe("smartmac/#")
     for topic in topics:
