@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import signal
@@ -291,6 +292,11 @@ def bridge_config(tmp: Path, args: argparse.Namespace, broker_port: int, sim_por
 def run_peer(peer: str, args: argparse.Namespace, log: Callable[[str], None]) -> Row:
     """Start everything for one peer, measure, stop everything; the figures."""
     row = Row(peer)
+    seconds = args.seconds
+    if peer == "node-red":
+        # The flow polls every meter at once, every interval: a window that is not a whole
+        # number of intervals would count 4 bursts or 5 depending on where it falls.
+        seconds = math.ceil(args.seconds / args.nr_interval - 1e-9) * args.nr_interval
     tmp = Path(tempfile.mkdtemp(prefix=f"fleet-{peer}-"))
     with ExitStack() as stack:
         mosquitto, broker_port = start_mosquitto(tmp)
@@ -333,16 +339,16 @@ def run_peer(peer: str, args: argparse.Namespace, log: Callable[[str], None]) ->
         if peer == "bridge":
             target.popen.send_signal(signal.SIGUSR1)  # lags from here on
         started_at = time.monotonic()
-        log(f"{peer}: measuring {args.seconds:g} s")
+        log(f"{peer}: measuring {seconds:g} s")
 
         if commander is not None and segments:
-            step = args.seconds / len(segments)
+            step = seconds / len(segments)
             for i, segment in enumerate(segments):
                 pause = started_at + (i + 0.5) * step - time.monotonic()
                 if pause > 0:
                     time.sleep(pause)
                 commander.send(segment)
-        pause = started_at + args.seconds - time.monotonic()
+        pause = started_at + seconds - time.monotonic()
         if pause > 0:
             time.sleep(pause)
 
@@ -443,8 +449,12 @@ def render(rows: list[Row], args: argparse.Namespace, extra: dict[str, Any]) -> 
             f"{args.commands} relay commands to command meters answering in {args.command_delay:g} ms"
         )
     ]
-    if any(row.peer == "node-red" for row in rows):
-        text.append(f"node-red: inject every {args.nr_interval:g} s (all meters at once)")
+    for row in rows:
+        if row.peer == "node-red":
+            text.append(
+                f"node-red: inject every {args.nr_interval:g} s (all meters at once); "
+                f"{row.figures['seconds']:g} s measured (whole intervals)"
+            )
     for line in lines:
         text.append("  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(line, widths))))
     if "cpu_per_poll_ratio" in extra:

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(shutil.which("mosquitto") is None, reason="mosqu
 def test_fleet_benchmark_smoke_run() -> None:
     with_node_red = nodered.missing_tools() is None
     command = [
-        sys.executable, str(ROOT / "bench" / "fleet.py"), "--meters", "5", "--seconds", "7",
+        sys.executable, str(ROOT / "bench" / "fleet.py"), "--meters", "5", "--seconds", "6.5",
         "--warmup", "7", "--commands", "3",
     ]  # fmt: skip
     if with_node_red:
