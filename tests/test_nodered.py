@@ -18,10 +18,8 @@ from bridge.simulator import SimMeter
 
 FLOW = Path(__file__).resolve().parent.parent / "examples" / "node-red" / "flows.json"
 
-pytestmark = [
-    pytest.mark.nodered,
-    pytest.mark.skipif(nodered.missing_tools() is not None, reason=f"Node-RED: {nodered.missing_tools()}"),
-]
+pytestmark = pytest.mark.nodered
+_MISSING = nodered.missing_tools()
 
 
 def _nodes(flow: list[dict[str, object]], type_: str) -> list[dict[str, object]]:
@@ -40,6 +38,7 @@ def test_the_flow_is_importable_as_is() -> None:
     assert all(node["retain"] == "false" for node in _nodes(flow, "mqtt out"))
 
 
+@pytest.mark.skipif(_MISSING is not None, reason=f"cannot run Node-RED: {_MISSING}")
 @pytest.mark.parametrize("broker", ["mosquitto"], indirect=True)
 def test_flow_shows_total_power_and_switches_the_relay(tmp_path: Path, rig: Rig) -> None:
     flow = json.loads(FLOW.read_text())
