@@ -15,13 +15,14 @@ connections, so thousands of meters cost no threads.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Final
 from urllib.parse import parse_qs, urlsplit
 
@@ -92,10 +93,16 @@ class SimMeter:
     extended: bool = False
     pout: int = 0
     fault: str = "ok"
+    delay: float | None = None
+    """Seconds this meter waits before answering; None: the simulator's delay."""
     requests: int = 0
     ok: int = 0
     rate_limited: int = 0
     bad_pin: int = 0
+    early: int = 0
+    """Requests that arrived sooner than the model allows after the previous request,
+    whatever was answered: stricter than rate_limited, which counts only those refused
+    for coming too soon after an accepted one."""
     pout_requests: list[tuple[float, int]] = field(default_factory=list)
     request_times: list[float] = field(default_factory=list)
 
@@ -119,6 +126,8 @@ class SimMeter:
             raise ValueError(f"phases must be 1 or 3, got {self.phases!r}")
         if self.fault not in FAULTS:
             raise ValueError(f"unknown fault {self.fault!r}; expected one of {FAULTS}")
+        if self.delay is not None and not 0 <= self.delay < 3600:
+            raise ValueError(f"delay of meter {self.devid} must be 0 to 3600 s")
         # Seeded by devid so a given fleet produces the same readings on every run.
         rng = random.Random(int(self.devid))
         self._rng = rng
@@ -272,6 +281,7 @@ class _Plan:
     kind: str
     payload: bytes = b""
     extra: bytes = b""
+    delay: float | None = None  # None: the simulator's delay
 
 
 _BAD_REQUEST: Final = _Plan("send", _text(400, "bad request"))
@@ -324,6 +334,23 @@ class Simulator:
     def total_rate_limited(self) -> int:
         """Requests answered 429 for coming too soon, over all meters."""
         return sum(m.rate_limited for m in self.meters.values())
+
+    def stats(self) -> dict[str, object]:
+        """The counters, summed over the fleet and per meter, as JSON-ready data.
+
+        Also served as ``GET /stats``, for a benchmark or a user in another process.
+        """
+        keys = ("requests", "ok", "rate_limited", "bad_pin", "early")
+        meters = {
+            m.devid: {
+                **{key: getattr(m, key) for key in keys},
+                "pout_requests": len(m.pout_requests),
+                "pout": m.pout,
+            }
+            for m in list(self.meters.values())
+        }
+        totals = {key: sum(c[key] for c in meters.values()) for key in (*keys, "pout_requests")}
+        return {"meters": len(meters), **totals, "per_meter": meters}
 
     def start(self) -> Simulator:
         """Serve in a new thread with its own event loop; return once listening."""
@@ -454,8 +481,9 @@ class Simulator:
             while await reader.read(4096):
                 pass
             return
-        if self.delay > 0:
-            await asyncio.sleep(self.delay)
+        delay = self.delay if plan.delay is None else plan.delay
+        if delay > 0:
+            await asyncio.sleep(delay)
         writer.write(plan.payload)
         await writer.drain()
         if kind == "drip":
@@ -482,6 +510,11 @@ class Simulator:
         if len(parts) != 3 or parts[0] != "GET" or not parts[2].startswith("HTTP/"):
             return _BAD_REQUEST
         target = urlsplit(parts[1])
+        if target.path == "/stats":
+            # Not a meter page: the counters, for a benchmark in another process. Never
+            # delayed, so reading them does not wait behind the meters.
+            body = json.dumps(self.stats(), separators=(",", ":")).encode()
+            return _Plan("send", _simple(200, _JSON, body), delay=0.0)
         if target.path not in ("/", ""):
             return _NOT_FOUND
         query = parse_qs(target.query, keep_blank_values=True)
@@ -496,8 +529,16 @@ class Simulator:
 
         now = time.monotonic()
         m.requests += 1
+        if m.request_times and now - m.request_times[-1] < m.interval:
+            m.early += 1
         m.request_times.append(now)
+        plan = self._answer(m, query, now)
+        if m.delay is not None:
+            plan = replace(plan, delay=m.delay)
+        return plan
 
+    def _answer(self, m: SimMeter, query: dict[str, list[str]], now: float) -> _Plan:
+        """The answer of meter m to a getdata request that arrived at now."""
         fault = m.fault
         if fault not in _GOOD_FAULTS:
             return self._broken(m, fault)

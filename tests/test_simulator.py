@@ -570,3 +570,53 @@ def test_run_cli_prints_the_fleet_and_stops_on_sigterm() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# --- fleet instruments: per-meter delay, the stats page ---------------------------------
+
+
+def test_per_meter_delay_overrides_the_simulator_delay(make_sim: Callable[..., Simulator]) -> None:
+    slow, fast = make_fleet(2)
+    fast.delay = 0.0
+    sim = make_sim([slow, fast], delay=0.3)
+    t0 = time.monotonic()
+    assert get(sim, fast).status_code == 200
+    assert time.monotonic() - t0 < 0.3
+    t0 = time.monotonic()
+    assert get(sim, slow).status_code == 200
+    assert time.monotonic() - t0 >= 0.3
+    with pytest.raises(ValueError, match="delay"):
+        SimMeter(devid="1", pin="123456", delay=-1.0)
+
+
+def test_stats_page_counts_every_meter(make_sim: Callable[..., Simulator]) -> None:
+    a, b = make_fleet(2, extended=True)
+    sim = make_sim([a, b], delay=0.3)  # the page itself is never delayed
+    assert get(sim, a, pout="1").status_code == 200
+    assert get(sim, a).status_code == 429  # too soon: counted as rate_limited and early
+    assert get(sim, b, pin="000001").status_code == 403
+    t0 = time.monotonic()
+    r = requests.get(sim.url() + "/stats", timeout=TIMEOUT)
+    assert time.monotonic() - t0 < 0.3
+    assert r.status_code == 200 and r.headers["Content-Type"].startswith("application/json")
+    stats = r.json()
+    assert stats == sim.stats()
+    assert {k: stats[k] for k in ("meters", "requests", "ok", "rate_limited", "bad_pin", "early")} == {
+        "meters": 2, "requests": 3, "ok": 1, "rate_limited": 1, "bad_pin": 1, "early": 1,
+    }  # fmt: skip
+    assert stats["pout_requests"] == 1
+    assert stats["per_meter"][a.devid] == {
+        "requests": 2, "ok": 1, "rate_limited": 1, "bad_pin": 0, "early": 1, "pout_requests": 1, "pout": 1,
+    }  # fmt: skip
+    assert a.pin not in r.text and b.pin not in r.text
+
+
+def test_early_counts_faulted_requests_too(make_sim: Callable[..., Simulator]) -> None:
+    # A refused request is never checked against the rate limit (no 429), but it still
+    # arrived at the meter: `early` sees it.
+    m = make_fleet(1, extended=True)[0]
+    sim = make_sim([m])
+    sim.set_fault(m.devid, "http500")
+    assert get(sim, m).status_code == 500
+    assert get(sim, m).status_code == 500
+    assert (m.rate_limited, m.early) == (0, 1)

@@ -1,0 +1,1 @@
+"""Benchmarks and the instruments they share (see README, Performance)."""

@@ -1,0 +1,521 @@
+"""Fleet benchmark (issue 5): the bridge polling N extended meters through mosquitto.
+
+One run starts, each as its own process on free loopback ports: mosquitto, the simulator
+(N extended 3-phase meters answering after --delay ms, plus --commands fast meters for the
+relay round trip), a subscriber counting what arrives on B/#, and the bridge (or, with
+--peer node-red, also the Node-RED flow, one after the other on fresh processes). After
+--warmup seconds it measures for --seconds and prints a table and one JSON line:
+
+- polls/s achieved (accepted requests at the fleet's meters) vs expected (N / interval);
+- CPU of the bridge per poll (user+sys from /proc, accepted requests of all meters);
+- messages/s at the subscriber; schedule lag p50/p99/max (from ``bridge.lags``);
+- rate-limit violations as the simulator saw them over the whole run (HTTP 429, and
+  "early": any request arriving sooner than 6 s after the previous one to that meter);
+- peak RSS (VmHWM) of the bridge, the simulator and mosquitto; CPU % of each;
+- relay round trip (set -> B/D/relay updated) p50/p99 over --commands commands, each to
+  its own command meter (interval 3600 s, so its slot is free; answer delay
+  --command-delay ms), spread evenly over the measured window.
+
+    python bench/fleet.py --meters 2000 --seconds 60
+    python bench/fleet.py --meters 2000 --seconds 60 --peer node-red
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(ROOT))
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from bench import nodered
+from bench._simulator import fleet
+from bench.procstat import cpu_seconds, peak_rss_mb
+from bench.support import LOOPBACK, free_port, percentile, wait_for_port
+
+BASE = "smartmac"
+INTERVAL = 6.0  # extended meters, polled as often as they allow
+COMMAND_INTERVAL = 3600.0  # command meters: polled once at start, then only for commands
+MIN_WARMUP = 7.0  # the command meters' first poll must be more than 6 s old
+COMMAND_TIMEOUT = 20.0
+
+
+def publish_supported() -> bool:
+    """Does this bridge's config have the `publish: {mode: ...}` key (issue 4)?"""
+    from bridge.config import Settings
+
+    return "publish" in Settings.model_fields
+
+
+# --- processes ------------------------------------------------------------------------------
+
+
+@dataclass
+class Proc:
+    """A child process whose CPU and memory we read from /proc."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    cpu_mark: float = 0.0
+    cpu_window: float = 0.0
+    rss_mb: float = float("nan")
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def mark(self) -> None:
+        self.cpu_mark = cpu_seconds(self.pid)
+
+    def measure(self) -> None:
+        """CPU since mark() and peak RSS so far (call before stopping)."""
+        self.cpu_window = cpu_seconds(self.pid) - self.cpu_mark
+        self.rss_mb = peak_rss_mb(self.pid)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+        return self.popen.returncode
+
+
+@contextmanager
+def started(proc: Proc) -> Iterator[Proc]:
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+def spawn(name: str, command: list[str], log: Path) -> Proc:
+    with open(log, "wb") as out:
+        popen = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    return Proc(name, popen)
+
+
+def start_mosquitto(tmp: Path) -> tuple[Proc, int]:
+    port = free_port()
+    conf = tmp / "mosquitto.conf"
+    conf.write_text(f"listener {port} {LOOPBACK}\nallow_anonymous true\npersistence false\n")
+    proc = spawn("mosquitto", ["mosquitto", "-c", str(conf)], tmp / "mosquitto.log")
+    wait_for_port(port)
+    return proc, port
+
+
+def start_simulator(tmp: Path, args: argparse.Namespace) -> tuple[Proc, int]:
+    port = free_port()
+    command = [
+        sys.executable, str(ROOT / "bench" / "_simulator.py"), "--port", str(port),
+        "--meters", str(args.meters), "--delay", str(args.delay / 1000),
+        "--commands", str(args.commands), "--command-delay", str(args.command_delay / 1000),
+    ]  # fmt: skip
+    proc = spawn("simulator", command, tmp / "simulator.log")
+    wait_for_port(port, timeout=60)
+    return proc, port
+
+
+def simulator_stats(port: int) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://{LOOPBACK}:{port}/stats", timeout=30) as answer:
+        return json.loads(answer.read())
+
+
+# --- the subscriber that counts messages --------------------------------------------------
+
+
+class Counter:
+    """Counts messages on B/#: mosquitto_sub (C, newlines counted in big reads) or paho."""
+
+    def __init__(self, port: int, qos: int) -> None:
+        self.count = 0
+        self._port, self._qos = port, qos
+        self._sub: subprocess.Popen[bytes] | None = None
+        self._client: paho.Client | None = None
+        self._thread: threading.Thread | None = None
+        self.kind = "mosquitto_sub" if shutil.which("mosquitto_sub") else "paho"
+
+    def start(self) -> Counter:
+        topic = f"{BASE}/#"
+        if self.kind == "mosquitto_sub":
+            # Every payload the bridge sends is one line (numbers, compact JSON, words), and
+            # mosquitto_sub ends each with a newline: counting newlines counts messages.
+            self._sub = subprocess.Popen(
+                ["mosquitto_sub", "-h", LOOPBACK, "-p", str(self._port), "-t", topic,
+                 "-q", str(self._qos), "-i", f"bench-count-{uuid.uuid4().hex[:8]}"],
+                stdout=subprocess.PIPE,
+            )  # fmt: skip
+            self._thread = threading.Thread(target=self._read, daemon=True)
+            self._thread.start()
+        else:
+            client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-count-{uuid.uuid4().hex[:8]}")
+            client.on_connect = lambda c, *a: c.subscribe(topic, self._qos)
+            client.on_message = self._on_message
+            client.connect(LOOPBACK, self._port)
+            client.loop_start()
+            self._client = client
+        return self
+
+    def _read(self) -> None:
+        assert self._sub is not None and self._sub.stdout is not None
+        fd = self._sub.stdout.fileno()
+        while chunk := os.read(fd, 1 << 20):
+            self.count += chunk.count(b"\n")
+
+    def _on_message(self, *args: object) -> None:
+        self.count += 1
+
+    @property
+    def pid(self) -> int | None:
+        return self._sub.pid if self._sub is not None else None
+
+    def stop(self) -> None:
+        if self._sub is not None:
+            self._sub.terminate()
+            self._sub.wait(5)
+        if self._client is not None:
+            self._client.disconnect()
+            self._client.loop_stop()
+
+
+# --- relay round trips --------------------------------------------------------------------
+
+
+class Commander:
+    """Sends ON to each command meter once and times set -> B/D/relay ON."""
+
+    def __init__(self, port: int, segments: list[str], qos: int) -> None:
+        self._segments = segments
+        self._sent: dict[str, float] = {}
+        self.round_trips: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._done = threading.Condition(self._lock)
+        self._subscribed = threading.Event()
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-cmd-{uuid.uuid4().hex[:8]}")
+        topics = [(f"{BASE}/{s}/relay", max(qos, 1)) for s in segments]
+        client.on_connect = lambda c, *a: c.subscribe(topics) if topics else self._subscribed.set()
+        client.on_subscribe = lambda *a: self._subscribed.set()
+        client.on_message = self._on_message
+        client.connect(LOOPBACK, port)
+        client.loop_start()
+        if not self._subscribed.wait(10):
+            raise RuntimeError("the command client could not subscribe")
+        self._client = client
+
+    def _on_message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
+        now = time.monotonic()
+        segment = msg.topic.split("/")[-2]
+        with self._lock:
+            sent = self._sent.get(segment)
+            if sent is not None and segment not in self.round_trips and msg.payload == b"ON":
+                self.round_trips[segment] = now - sent
+                self._done.notify_all()
+
+    def send(self, segment: str) -> None:
+        with self._lock:
+            self._sent[segment] = time.monotonic()
+        self._client.publish(f"{BASE}/{segment}/relay/set", b"ON", qos=1)
+
+    def wait_all(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while len(self.round_trips) < len(self._sent):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._done.wait(left)
+
+    def stop(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+
+# --- one row ------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    peer: str
+    figures: dict[str, Any] = field(default_factory=dict)
+
+
+def _ms(values: list[float], pct: float) -> float | None:
+    return round(percentile(values, pct) * 1000, 1) if values else None
+
+
+def bridge_config(tmp: Path, args: argparse.Namespace, broker_port: int, sim_port: int) -> Path:
+    main, fast = fleet(args.meters, args.commands, args.command_delay / 1000)
+    host = f"{LOOPBACK}:{sim_port}"
+    devices = [
+        {"id": m.devid, "pin": m.pin, "host": host, "topic": f"m{i:05d}", "extended": True,
+         "interval": INTERVAL, "timeout": 5}
+        for i, m in enumerate(main)
+    ] + [
+        {"id": m.devid, "pin": m.pin, "host": host, "topic": f"cmd{i:03d}", "extended": True,
+         "interval": COMMAND_INTERVAL, "timeout": 5}
+        for i, m in enumerate(fast)
+    ]  # fmt: skip
+    config: dict[str, Any] = {
+        "mqtt": {"host": LOOPBACK, "port": broker_port, "client_id": "bench-bridge",
+                 "base_topic": BASE, "qos": args.qos},
+        "devices": devices,
+    }  # fmt: skip
+    if args.publish is not None:
+        config["publish"] = {"mode": args.publish}
+    path = tmp / "bridge.yaml"
+    path.write_text(json.dumps(config))  # JSON is YAML
+    return path
+
+
+def run_peer(peer: str, args: argparse.Namespace, log: Callable[[str], None]) -> Row:
+    """Start everything for one peer, measure, stop everything; the figures."""
+    row = Row(peer)
+    seconds = args.seconds
+    if peer == "node-red":
+        # The flow polls every meter at once, every interval: a window that is not a whole
+        # number of intervals would count 4 bursts or 5 depending on where it falls.
+        seconds = math.ceil(args.seconds / args.nr_interval - 1e-9) * args.nr_interval
+    tmp = Path(tempfile.mkdtemp(prefix=f"fleet-{peer}-"))
+    with ExitStack() as stack:
+        mosquitto, broker_port = start_mosquitto(tmp)
+        stack.enter_context(started(mosquitto))
+        simulator, sim_port = start_simulator(tmp, args)
+        stack.enter_context(started(simulator))
+        counter = Counter(broker_port, args.qos).start()
+        stack.callback(counter.stop)
+
+        commander: Commander | None = None
+        segments = [f"cmd{i:03d}" for i in range(args.commands)]
+        if peer == "bridge":
+            config = bridge_config(tmp, args, broker_port, sim_port)
+            out = tmp / "bridge-result.json"
+            command = [sys.executable, str(ROOT / "bench" / "_bridge.py"), "--config", str(config), "--out", str(out)]
+            commander = Commander(broker_port, segments, args.qos)
+            stack.callback(commander.stop)
+            target = spawn("bridge", command, tmp / "bridge.log")
+            expected = args.meters / INTERVAL
+        else:
+            main, _ = fleet(args.meters, 0, 0.0)
+            flow = nodered.bench_flow(
+                simulator_port=sim_port, meters=[(m.devid, m.pin) for m in main],
+                broker_port=broker_port, interval=args.nr_interval, qos=args.qos,
+            )  # fmt: skip
+            red = nodered.NodeRed(flow, tmp / "node-red")
+            red.start()
+            target = Proc("node-red", red.process)  # type: ignore[arg-type]
+            expected = args.meters / args.nr_interval
+        stack.enter_context(started(target))
+        log(f"{peer}: started; warming up {args.warmup:g} s")
+
+        time.sleep(args.warmup)  # measuring a window of time: nothing to wait on
+        if target.popen.poll() is not None:
+            raise RuntimeError(f"{peer} exited early; see {tmp}")
+        stats_before = simulator_stats(sim_port)
+        count_before = counter.count
+        for proc in (target, simulator, mosquitto):
+            proc.mark()
+        if peer == "bridge":
+            target.popen.send_signal(signal.SIGUSR1)  # lags from here on
+        started_at = time.monotonic()
+        log(f"{peer}: measuring {seconds:g} s")
+
+        if commander is not None and segments:
+            step = seconds / len(segments)
+            for i, segment in enumerate(segments):
+                pause = started_at + (i + 0.5) * step - time.monotonic()
+                if pause > 0:
+                    time.sleep(pause)
+                commander.send(segment)
+        pause = started_at + seconds - time.monotonic()
+        if pause > 0:
+            time.sleep(pause)
+
+        elapsed = time.monotonic() - started_at
+        count_after = counter.count
+        for proc in (target, simulator, mosquitto):
+            proc.measure()
+        stats_after = simulator_stats(sim_port)
+        if commander is not None:
+            commander.wait_all(COMMAND_TIMEOUT)
+        lags: list[float] | None = None
+        threads = None
+        if peer == "bridge":
+            if target.stop() != 0:
+                raise RuntimeError(f"the bridge did not exit cleanly; see {tmp / 'bridge.log'}")
+            result = json.loads(out.read_text())
+            lags, threads = sorted(result["lags"]), result["threads"]
+        final = simulator_stats(sim_port)
+
+    fleet_ids = {m.devid for m in fleet(args.meters, 0, 0.0)[0]}
+    before, after = stats_before["per_meter"], stats_after["per_meter"]
+    fleet_polls = sum(after[devid]["ok"] - before[devid]["ok"] for devid in fleet_ids)
+    polls = stats_after["ok"] - stats_before["ok"]
+    trips = sorted(commander.round_trips.values()) if commander is not None else []
+    f = row.figures
+    f["meters"] = args.meters
+    f["seconds"] = round(elapsed, 1)
+    f["polls_per_s"] = round(fleet_polls / elapsed, 1)
+    f["expected_per_s"] = round(expected, 1)
+    f["polls_pct_of_expected"] = round(100 * fleet_polls / elapsed / expected, 1) if expected else None
+    f["cpu_ms_per_poll"] = round(1000 * target.cpu_window / polls, 3) if polls else None
+    f["cpu_pct"] = round(100 * target.cpu_window / elapsed, 1)
+    f["messages_per_s"] = round((count_after - count_before) / elapsed, 1)
+    f["subscriber"] = counter.kind
+    f["lag_p50_ms"] = _ms(lags, 50) if lags else None
+    f["lag_p99_ms"] = _ms(lags, 99) if lags else None
+    f["lag_max_ms"] = round(lags[-1] * 1000, 1) if lags else None
+    f["violations_429"] = final["rate_limited"]
+    f["early_arrivals"] = final["early"]
+    f["peak_rss_mb"] = round(target.rss_mb, 1)
+    f["relay_commands"] = len(segments) if commander is not None else 0
+    f["relay_confirmed"] = len(trips)
+    f["relay_p50_ms"] = _ms(trips, 50)
+    f["relay_p99_ms"] = _ms(trips, 99)
+    f["command_delay_ms"] = args.command_delay if commander is not None else None
+    f["simulator_cpu_pct"] = round(100 * simulator.cpu_window / elapsed, 1)
+    f["simulator_rss_mb"] = round(simulator.rss_mb, 1)
+    f["mosquitto_cpu_pct"] = round(100 * mosquitto.cpu_window / elapsed, 1)
+    f["mosquitto_rss_mb"] = round(mosquitto.rss_mb, 1)
+    if threads is not None:
+        f["bridge_threads"] = threads
+    if peer == "node-red":
+        f["inject_interval_s"] = args.nr_interval
+    shutil.rmtree(tmp, ignore_errors=True)
+    return row
+
+
+# --- output -------------------------------------------------------------------------------
+
+_LABELS = [
+    ("polls_per_s", "polls/s achieved"),
+    ("expected_per_s", "polls/s expected"),
+    ("polls_pct_of_expected", "% of expected"),
+    ("cpu_ms_per_poll", "CPU ms per poll"),
+    ("cpu_pct", "CPU % (of one core)"),
+    ("messages_per_s", "messages/s at subscriber"),
+    ("lag_p50_ms", "schedule lag p50 ms"),
+    ("lag_p99_ms", "schedule lag p99 ms"),
+    ("lag_max_ms", "schedule lag max ms"),
+    ("violations_429", "rate-limit violations (429)"),
+    ("early_arrivals", "requests < 6 s apart"),
+    ("peak_rss_mb", "peak RSS MB"),
+    ("relay_confirmed", "relay commands confirmed"),
+    ("relay_p50_ms", "relay round trip p50 ms"),
+    ("relay_p99_ms", "relay round trip p99 ms"),
+    ("simulator_cpu_pct", "simulator CPU %"),
+    ("simulator_rss_mb", "simulator peak RSS MB"),
+    ("mosquitto_cpu_pct", "mosquitto CPU %"),
+    ("mosquitto_rss_mb", "mosquitto peak RSS MB"),
+]
+
+
+def _cell(value: object) -> str:
+    return "n/a" if value is None else str(value)
+
+
+def render(rows: list[Row], args: argparse.Namespace, extra: dict[str, Any]) -> str:
+    head = ["figure", *(row.peer for row in rows)]
+    lines = [head]
+    for key, label in _LABELS:
+        lines.append([label, *(_cell(row.figures.get(key)) for row in rows)])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    text = [
+        (
+            f"{args.meters} extended 3-phase meters, answer delay {args.delay:g} ms, "
+            f"{rows[0].figures['seconds']:g} s measured after {args.warmup:g} s warm-up, QoS {args.qos}, "
+            f"publish {extra['publish']}; subscriber: {rows[0].figures['subscriber']}; "
+            f"{args.commands} relay commands to command meters answering in {args.command_delay:g} ms"
+        )
+    ]
+    for row in rows:
+        if row.peer == "node-red":
+            text.append(
+                f"node-red: inject every {args.nr_interval:g} s (all meters at once); "
+                f"{row.figures['seconds']:g} s measured (whole intervals)"
+            )
+    for line in lines:
+        text.append("  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(line, widths))))
+    if "cpu_per_poll_ratio" in extra:
+        text.append(f"CPU per poll, bridge / node-red: {_cell(extra['cpu_per_poll_ratio'])}")
+    return "\n".join(text)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Fleet benchmark: the bridge (and optionally Node-RED) polling N simulated meters.",
+    )
+    parser.add_argument("--meters", type=int, default=2000, help="extended meters (default 2000)")
+    parser.add_argument("--seconds", type=float, default=60.0, help="measured time (default 60)")
+    parser.add_argument("--warmup", type=float, default=10.0, help=f"seconds before measuring (default 10, at least {MIN_WARMUP:g})")
+    parser.add_argument("--delay", type=float, default=100.0, metavar="MS", help="meter answer delay (default 100)")
+    parser.add_argument("--publish", choices=["every_poll", "on_change"], help="bridge publish mode, if its config has one")
+    parser.add_argument("--qos", type=int, choices=[0, 1, 2], default=0, help="MQTT QoS of state publishes (default 0)")
+    parser.add_argument("--peer", choices=["node-red"], help="also run the same fleet through a Node-RED flow")
+    parser.add_argument("--nr-interval", type=float, default=6.5, metavar="S",
+                        help="Node-RED inject interval (default 6.5: at 6 it breaks the rate limit)")
+    parser.add_argument("--commands", type=int, default=50, help="relay commands (default 50)")
+    parser.add_argument("--command-delay", type=float, default=20.0, metavar="MS",
+                        help="answer delay of the command meters (default 20)")
+    parser.add_argument("--json-only", action="store_true", help="print only the JSON line")
+    args = parser.parse_args(argv)
+    if args.meters < 1 or args.seconds <= 0 or args.commands < 0:
+        parser.error("--meters must be at least 1, --seconds positive, --commands not negative")
+    if args.warmup < MIN_WARMUP:
+        parser.error(f"--warmup must be at least {MIN_WARMUP:g} s: each command meter's slot must be free")
+    if args.publish is not None and not publish_supported():
+        parser.error("--publish: this bridge's config has no publish key yet")
+    if shutil.which("mosquitto") is None:
+        parser.error("mosquitto is not on PATH (apt-get install mosquitto)")
+    if args.peer == "node-red" and (reason := nodered.missing_tools()):
+        parser.error(f"--peer node-red: {reason}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    def log(text: str) -> None:
+        if not args.json_only:
+            print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+    rows = [run_peer("bridge", args, log)]
+    if args.peer == "node-red":
+        rows.append(run_peer("node-red", args, log))
+    extra: dict[str, Any] = {"publish": args.publish or "every_poll (default)"}
+    if len(rows) == 2:
+        mine, theirs = rows[0].figures["cpu_ms_per_poll"], rows[1].figures["cpu_ms_per_poll"]
+        extra["cpu_per_poll_ratio"] = round(mine / theirs, 2) if mine and theirs else None
+    if not args.json_only:
+        print(render(rows, args, extra))
+    record = {
+        "meters": args.meters, "delay_ms": args.delay, "warmup_s": args.warmup, "qos": args.qos,
+        "cores": os.cpu_count(), **extra, "rows": {row.peer: row.figures for row in rows},
+    }  # fmt: skip
+    print(json.dumps(record), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""A small run of the fleet benchmark (bench/fleet.py), so it cannot rot.
+
+A few meters for a few seconds, through the real command line: every figure is printed
+and no request broke a meter's rate limit. No figure is judged for speed here: the
+machine is shared, and the benchmark exists to print figures, not to pass or fail.
+With node and npm present it also runs the Node-RED row (`--peer node-red`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import nodered
+from bench.fleet import _LABELS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.skipif(shutil.which("mosquitto") is None, reason="mosquitto is not on PATH")
+
+
+def test_fleet_benchmark_smoke_run() -> None:
+    with_node_red = nodered.missing_tools() is None
+    command = [
+        sys.executable, str(ROOT / "bench" / "fleet.py"), "--meters", "5", "--seconds", "6.5",
+        "--warmup", "7", "--commands", "3",
+    ]  # fmt: skip
+    if with_node_red:
+        command += ["--peer", "node-red"]
+    done = subprocess.run(command, check=False, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table, _, last = done.stdout.rstrip("\n").rpartition("\n")
+    for _, label in _LABELS:
+        assert label in table
+    record = json.loads(last)
+    rows = record["rows"]
+    assert set(rows) == ({"bridge", "node-red"} if with_node_red else {"bridge"})
+    for peer, row in rows.items():
+        assert set(row) >= {key for key, _ in _LABELS}, peer
+        assert row["violations_429"] == 0 and row["early_arrivals"] == 0, (peer, row)
+        assert row["polls_per_s"] > 0 and row["messages_per_s"] > 0, (peer, row)
+        assert row["cpu_ms_per_poll"] > 0 and row["peak_rss_mb"] > 0, (peer, row)
+        assert row["subscriber"] in ("mosquitto_sub", "paho")
+    bridge = rows["bridge"]
+    assert (bridge["relay_commands"], bridge["relay_confirmed"]) == (3, 3)
+    assert 0 < bridge["relay_p50_ms"] <= bridge["relay_p99_ms"]
+    if with_node_red:
+        assert record["cpu_per_poll_ratio"] > 0
+    # Lag is "n/a" until the bridge records it (bridge.lags); then every figure is there.
+    lags = [bridge[key] for key in ("lag_p50_ms", "lag_p99_ms", "lag_max_ms")]
+    assert lags == [None] * 3 or all(isinstance(lag, float) for lag in lags)
