@@ -16,7 +16,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import __version__
-from .config import DeviceSettings, MqttSettings, min_gap
+from .changes import ChangeFilter, state_fingerprint
+from .config import (
+    DeviceSettings,
+    HomeAssistantSettings,
+    MqttSettings,
+    PublishSettings,
+    min_gap,
+)
+from .counters import CounterGuard
+from .discovery import DeviceInfo, Discovery, Signature
 from .errors import BodyError, CommandError, MeterError
 from .meter import MeterClient
 from .mqtt import MqttLink
@@ -48,6 +57,9 @@ FAILURES_OFFLINE = 3
 #: Most requests in flight at once. Healthy requests take milliseconds; only dead meters
 #: hold a worker for their whole timeout, so this leaves room for hundreds of them.
 MAX_WORKERS = 256
+#: Seconds the bridge listens for retained discovery configs of meters no longer configured
+#: (the broker sends retained messages right after the subscription is acknowledged).
+GHOST_SCAN_SECONDS = 2.0
 #: Seconds a command gets beyond its 2 intervals. The second slot after a command comes a
 #: gap plus the 50 ms guard plus the meter's answer time after the first: without this,
 #: a command arriving just after a poll would miss its one repeat by a few milliseconds.
@@ -78,6 +90,20 @@ class Meter:
     sending: Command | None = None
     """The command carried by the request in flight, if any."""
     rejected_logged: set[str] = field(default_factory=set)
+    # -- issue 4 (Home Assistant, counters, on_change) --
+    guard: CounterGuard = field(default_factory=CounterGuard)
+    last: Snapshot | None = None
+    """The last good read as published (counters guarded): resent when HA comes online."""
+    announced: Signature | None = None
+    """The (key, name, unit) set the discovery configs were last published for."""
+    changes: ChangeFilter | None = None
+    """publish.mode on_change: what was last sent per topic."""
+    ha: DeviceInfo = field(init=False)
+    """The meter as discovery describes it."""
+
+    def __post_init__(self) -> None:
+        device = self.device
+        self.ha = DeviceInfo(device.id, device.segment, device.display_name, device.extended)
 
 
 class Workers:
@@ -148,22 +174,39 @@ class Bridge:
         *,
         host: str,
         port: int,
+        homeassistant: HomeAssistantSettings | None = None,
+        publish: PublishSettings | None = None,
     ) -> None:
         self.base = mqtt.base_topic
+        homeassistant = homeassistant or HomeAssistantSettings()
+        publish = publish or PublishSettings()
+        # Issue 4: None when discovery is off.
+        self._discovery = (
+            Discovery(homeassistant.prefix, self.base, __version__)
+            if homeassistant.discovery
+            else None
+        )
         self._meters: dict[str, Meter] = {}
         for device in devices:
             client = MeterClient(
                 device.url, device.id, device.pin.get_secret_value(), timeout=device.timeout
             )
             topics = MeterTopics(self.base, device.segment)
-            self._meters[device.segment] = Meter(device, client, topics)
+            self._meters[device.segment] = meter = Meter(device, client, topics)
+            if publish.mode == "on_change":
+                meter.changes = ChangeFilter(publish.heartbeat)
         self._availability = bridge_availability(self.base)
+        subscriptions = [command_subscription(self.base)]
+        if self._discovery is not None:
+            subscriptions.append(self._discovery.status_topic)
+        # Retained configs seen during the ghost scan: topic -> devid (paho thread writes).
+        self._scan: dict[str, str] | None = None
         self.link = MqttLink(
             mqtt,
             host=host,
             port=port,
             will_topic=self._availability,
-            subscriptions=[command_subscription(self.base)],
+            subscriptions=subscriptions,
             on_message=self._on_message,
         )
         self._cond = threading.Condition()
@@ -206,6 +249,8 @@ class Bridge:
                 )
         self.link.start()
         self._thread.start()
+        if self._discovery is not None:
+            threading.Thread(target=self._clear_ghosts, name="ghost-scan", daemon=True).start()
         logger.info("bridge started with %d meter(s) under %s/", len(self._meters), self.base)
 
     def stop(self) -> None:
@@ -348,7 +393,21 @@ class Bridge:
 
     def _good_read(self, meter: Meter, snap: Snapshot) -> list[tuple[str, bytes]]:
         relay = relay_from_pout(snap.pout, meter.device.relay_inverted)
+        # Issue 4: counters never go down; discovery when the keys change; on_change.
+        guarded = meter.guard.apply(snap)
+        for level, text in guarded.log:
+            logger.log(level, "%s: %s", meter.client.label, text)
+        snap = meter.last = guarded.snapshot
         messages = list(state_messages(meter.topics, snap, relay))
+        if meter.changes is not None:
+            messages = meter.changes.select(
+                messages, time.monotonic(), {meter.topics.state: state_fingerprint(snap)}
+            )
+        if self._discovery is not None:
+            meter.announced, configs = self._discovery.announce(
+                meter.ha, snap.readings, meter.announced
+            )
+            messages[:0] = configs  # configs first: HA then finds the state retained
         if meter.available is not True:
             if meter.available is False:
                 logger.info("%s: back online", meter.client.label)
@@ -402,9 +461,78 @@ class Bridge:
             results.append(self._expire(segment))
         return results
 
+    # -- Home Assistant (issue 4) ------------------------------------------------------
+
+    def _resend_for_home_assistant(self) -> None:
+        """HA said `online` (it restarted): every config and the current state, again.
+
+        Under the lock, so a read finishing meanwhile cannot be overtaken by an older state.
+        """
+        assert self._discovery is not None
+        with self._cond:
+            messages: list[tuple[str, bytes]] = []
+            for meter in self._meters.values():
+                if meter.last is None or meter.relay is None:
+                    continue  # not read yet: its first read announces it
+                messages.extend(self._discovery.configs(meter.ha, meter.last.readings))
+                messages.extend(state_messages(meter.topics, meter.last, meter.relay))
+                if meter.available is not None:
+                    messages.append((meter.topics.availability, ONLINE if meter.available else OFFLINE))
+            self.link.publish_many(messages)
+        logger.info("Home Assistant is online: resent %d discovery and state messages", len(messages))
+
+    def _clear_ghosts(self) -> None:
+        """On the first connect: clear retained configs of meters no longer configured.
+
+        Subscribes to the discovery config topics, collects the retained configs this
+        bridge published in earlier runs (see Discovery.owned_devid) for GHOST_SCAN_SECONDS,
+        unsubscribes, and publishes an empty retained payload on each one whose devid is no
+        longer configured: HA then removes those entities.
+        """
+        assert self._discovery is not None
+        while not self.link.connected.wait(1.0):
+            if self._stopping:
+                return
+        topics = self._discovery.subscriptions()
+        self._scan = {}
+        # PORT: MqttLink has no public subscribe/unsubscribe yet; paho's are thread-safe.
+        client = self.link._client
+        for topic in topics:
+            client.subscribe(topic, qos=1)
+        time.sleep(GHOST_SCAN_SECONDS)  # the retained configs arrive within this window
+        for topic in topics:
+            client.unsubscribe(topic)
+        found, self._scan = self._scan, None
+        configured = {meter.device.id for meter in self._meters.values()}
+        ghosts = sorted(topic for topic, devid in found.items() if devid not in configured)
+        if ghosts and not self._stopping:
+            self.link.publish_many([(topic, b"") for topic in ghosts])
+            logger.info(
+                "cleared %d discovery config(s) of meter(s) no longer configured: %s",
+                len(ghosts),
+                ", ".join(sorted({found[t] for t in ghosts})),
+            )
+
+    def _on_home_assistant(self, topic: str, payload: bytes, retain: bool) -> bool:
+        """Handle a discovery-related message; False if the topic is not one."""
+        assert self._discovery is not None
+        if topic == self._discovery.status_topic:
+            if payload.strip().lower() == ONLINE:
+                self._resend_for_home_assistant()
+            return True
+        scan = self._scan
+        if scan is not None and retain and topic.endswith("/config"):
+            devid = self._discovery.owned_devid(topic, payload)
+            if devid is not None:
+                scan[topic] = devid
+            return True
+        return False
+
     # -- commands (paho thread) ---------------------------------------------------------
 
     def _on_message(self, topic: str, payload: bytes, retain: bool) -> None:
+        if self._discovery is not None and self._on_home_assistant(topic, payload, retain):
+            return
         segment = command_segment(self.base, topic)
         if segment is None:
             return  # not a command (some brokers push other clients' retained topics at us)
@@ -454,3 +582,4 @@ class Bridge:
                 # way is judged by the meter's answer when the request ends.)
                 self.link.publish_event(meter.topics.relay_result, result_error("superseded"))
         logger.info("relay command %s for %s", target.value, meter.client.label)
+
