@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.config import base_url, load_settings
+from bridge.config import HomeAssistantSettings, PublishSettings, base_url, load_settings
 from bridge.errors import ConfigError
 
 PIN = "913577"
@@ -196,3 +196,5 @@ def test_readme_config_block_is_valid(tmp_path: Path) -> None:
     block = readme.split("```yaml\n", 1)[1].split("```", 1)[0]
     settings = load_settings(write(tmp_path, block))
     assert settings.devices[0].poll_interval == 60 and settings.mqtt.host == "127.0.0.1"
+    assert settings.homeassistant == HomeAssistantSettings()  # the defaults, as printed
+    assert settings.publish == PublishSettings()

@@ -282,3 +282,16 @@ def test_payloads_are_generated_not_kept() -> None:
     device = DeviceInfo("7", "m", "M", False)
     gen = DISCOVERY.configs(device, readings_of(1, False))
     assert iter(gen) is gen
+
+
+def test_readme_example_is_what_the_demo_meter_gets() -> None:
+    # README "Home Assistant" shows the config of the demo's 3-phase meter's Wh1.
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("## Home Assistant", 1)[1]
+    example = json.loads(section.split("```json\n", 1)[1].split("```", 1)[0])
+    demo = DeviceInfo("1728053249", "demo3", "Demo 3-phase", True)  # as `smartmac-bridge demo`
+    found = configs(demo, readings_of(3, True))
+    config = found["homeassistant/sensor/smartmac_1728053249/Wh1/config"]
+    example["origin"]["sw_version"] = __version__
+    assert config == example
+    assert list(config) == list(example)  # the order it is printed in, too
