@@ -152,7 +152,14 @@ def serve(settings: Settings, devices: Sequence[DeviceSettings]) -> int:
         broker = EmbeddedBroker(host, port).start()
         logger.info("no mqtt.host configured: using the embedded broker on %s:%d", host, port)
     try:
-        bridge = Bridge(tuple(devices), settings.mqtt, host=host, port=port)
+        bridge = Bridge(
+            tuple(devices),
+            settings.mqtt,
+            host=host,
+            port=port,
+            homeassistant=settings.homeassistant,
+            publish=settings.publish,
+        )
         bridge.start()
         try:
             while not stop.wait(1.0):

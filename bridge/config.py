@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
@@ -99,11 +99,36 @@ class MqttSettings(_Model):
     @field_validator("base_topic")
     @classmethod
     def _topic_prefix(cls, base: str) -> str:
-        if not base or base.startswith("/") or base.endswith("/") or "//" in base:
-            raise ValueError("must be non-empty, without leading, trailing or double '/'")
-        if _TOPIC_FORBIDDEN.search(base) or base.startswith("$"):
-            raise ValueError("must not contain '+', '#' or start with '$'")
-        return base
+        return topic_prefix(base)
+
+
+def topic_prefix(base: str) -> str:
+    """Check a topic prefix (one or more levels); raises ValueError with the reason."""
+    if not base or base.startswith("/") or base.endswith("/") or "//" in base:
+        raise ValueError("must be non-empty, without leading, trailing or double '/'")
+    if _TOPIC_FORBIDDEN.search(base) or base.startswith("$"):
+        raise ValueError("must not contain '+', '#' or start with '$'")
+    return base
+
+
+class HomeAssistantSettings(_Model):
+    discovery: bool = True
+    """Publish Home Assistant MQTT discovery configs for every meter (sensors and relay)."""
+    prefix: str = "homeassistant"
+    """Home Assistant's discovery prefix (its MQTT integration setting, default homeassistant)."""
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, prefix: str) -> str:
+        return topic_prefix(prefix)
+
+
+class PublishSettings(_Model):
+    mode: Literal["every_poll", "on_change"] = "every_poll"
+    """every_poll: every reading after every poll. on_change: a topic only when its value
+    changed or `heartbeat` seconds after it was last sent."""
+    heartbeat: float = Field(300.0, ge=1, le=86400, allow_inf_nan=False)
+    """Seconds after which an unchanged value is sent again (on_change only)."""
 
 
 class EmbeddedBrokerSettings(_Model):
@@ -234,6 +259,8 @@ class Settings(BaseSettings):
 
     mqtt: MqttSettings = MqttSettings()
     embedded_broker: EmbeddedBrokerSettings = EmbeddedBrokerSettings()
+    homeassistant: HomeAssistantSettings = HomeAssistantSettings()
+    publish: PublishSettings = PublishSettings()
     devices: tuple[DeviceSettings, ...] = ()
 
     @model_validator(mode="after")

@@ -43,6 +43,7 @@ class MqttLink:
         will_topic: str,
         subscriptions: list[str],
         on_message: MessageHandler,
+        on_connect: Callable[[], None] | None = None,
     ) -> None:
         self.broker = f"{host}:{port}"
         self._host = host
@@ -50,6 +51,7 @@ class MqttLink:
         self._qos = settings.qos
         self._subscriptions = subscriptions
         self._on_message = on_message
+        self._on_connect = on_connect
         self._lock = threading.Lock()
         self._retained: dict[str, bytes] = {}
         self._connected = False
@@ -131,6 +133,27 @@ class MqttLink:
                 for topic, payload in messages:
                     publish(topic, payload, qos=qos, retain=True)
 
+    def publish_volatile(self, messages: list[tuple[str, bytes]]) -> None:
+        """Retained messages the caller regenerates after every connect (see `on_connect`):
+        not remembered here, and dropped while the broker is away."""
+        with self._lock:
+            if not self._connected:
+                return
+            if self._raw is not None:
+                self._raw.publish_retained(messages)
+                return
+            for topic, payload in messages:
+                self._client.publish(topic, payload, qos=self._qos, retain=True)
+
+    def subscribe(self, topics: list[str]) -> None:
+        """Subscribe for this connection only (not renewed on reconnect)."""
+        for topic in topics:
+            self._client.subscribe(topic, qos=1)
+
+    def unsubscribe(self, topics: list[str]) -> None:
+        for topic in topics:
+            self._client.unsubscribe(topic)
+
     def publish_event(self, topic: str, payload: bytes) -> None:
         """A not-retained message (command results). Lost if the broker is away."""
         result = self._client.publish(topic, payload, qos=max(self._qos, 1), retain=False)
@@ -169,6 +192,8 @@ class MqttLink:
         self.connected.set()
         self._last_problem = None
         logger.info("connected to MQTT broker %s; republished %d retained topics", self.broker, count)
+        if self._on_connect is not None:
+            self._on_connect()
 
     def _handle_connect_fail(self, client: paho.Client, userdata: object) -> None:
         self._problem(f"cannot reach MQTT broker {self.broker}; retrying")

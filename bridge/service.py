@@ -21,7 +21,16 @@ import time
 from dataclasses import dataclass, field
 
 from . import __version__
-from .config import DeviceSettings, MqttSettings, min_gap
+from .changes import ChangeFilter, state_fingerprint
+from .config import (
+    DeviceSettings,
+    HomeAssistantSettings,
+    MqttSettings,
+    PublishSettings,
+    min_gap,
+)
+from .counters import CounterGuard
+from .discovery import DeviceInfo, Discovery, Signature
 from .errors import BodyError, CommandError, MeterError, MeterUnreachable
 from .meter import Exchange, MeterClient
 from .mqtt import MqttLink
@@ -59,6 +68,9 @@ COMMAND_SLACK = 1.0
 #: last of 2,000 would always be served late; with it the first polls of 2,000 extended
 #: meters spread evenly over one interval, and of a few meters over a few milliseconds.
 START_SPREAD = 0.005
+#: Seconds the bridge listens for retained discovery configs of meters no longer configured
+#: (the broker sends retained messages right after the subscription is acknowledged).
+GHOST_SCAN_SECONDS = 2.0
 
 
 @dataclass(slots=True, eq=False)
@@ -91,6 +103,20 @@ class Meter:
     resolving: bool = False
     """A thread is looking up the meter's host name; the request starts when it is done."""
     rejected_logged: set[str] = field(default_factory=set)
+    guard: CounterGuard = field(default_factory=CounterGuard)
+    """Energy counters never go down on MQTT (see counters.py)."""
+    last: Snapshot | None = None
+    """The last good read as published (counters guarded): resent when HA comes online."""
+    announced: Signature | None = None
+    """The (key, name, unit) set the discovery configs were last published for."""
+    changes: ChangeFilter | None = None
+    """publish.mode on_change: what was last sent per topic."""
+    ha: DeviceInfo = field(init=False)
+    """The meter as discovery describes it."""
+
+    def __post_init__(self) -> None:
+        device = self.device
+        self.ha = DeviceInfo(device.id, device.segment, device.display_name, device.extended)
 
 
 class Bridge:
@@ -103,24 +129,43 @@ class Bridge:
         *,
         host: str,
         port: int,
+        homeassistant: HomeAssistantSettings | None = None,
+        publish: PublishSettings | None = None,
     ) -> None:
         self.base = mqtt.base_topic
+        homeassistant = homeassistant or HomeAssistantSettings()
+        publish = publish or PublishSettings()
+        self._discovery = (
+            Discovery(homeassistant.prefix, self.base, __version__)
+            if homeassistant.discovery
+            else None
+        )
         self._meters: dict[str, Meter] = {}
         for device in devices:
             client = MeterClient(
                 device.url, device.id, device.pin.get_secret_value(), timeout=device.timeout
             )
             topics = MeterTopics(self.base, device.segment)
-            self._meters[device.segment] = Meter(device, client, topics)
+            self._meters[device.segment] = meter = Meter(device, client, topics)
+            if publish.mode == "on_change":
+                meter.changes = ChangeFilter(publish.heartbeat)
         self._availability = bridge_availability(self.base)
+        subscriptions = [command_subscription(self.base)]
+        if self._discovery is not None:
+            subscriptions.append(self._discovery.status_topic)
         self.link = MqttLink(
             mqtt,
             host=host,
             port=port,
             will_topic=self._availability,
-            subscriptions=[command_subscription(self.base)],
+            subscriptions=subscriptions,
             on_message=self._on_message,
+            on_connect=lambda: self._post(("connected",)),
         )
+        # The ghost scan (see _start_ghost_scan): retained configs seen, and when it ends.
+        self._scan: dict[str, str] | None = None
+        self._scan_until: float | None = None
+        self._scanned = False
         self.lags: list[float] | None = None
         """Set to a list to record, for every request, its start minus its planned time (s)."""
         self._schedule: Scheduler[str] = Scheduler()
@@ -246,6 +291,8 @@ class Bridge:
         if self._inbox:
             self._take_inbox()
         now = time.monotonic()
+        if self._scan_until is not None and now >= self._scan_until:
+            self._end_ghost_scan()
         self._expire_commands(now)
         for segment, planned in self._schedule.pop_due(now):
             self._begin(self._meters[segment], planned)
@@ -263,6 +310,7 @@ class Bridge:
                 self._schedule.next_due(),
                 self._next_command_deadline(),
                 deadlines[0][0] if deadlines else None,
+                self._scan_until,
             )
             if t is not None
         ]
@@ -313,12 +361,18 @@ class Bridge:
             inbox, self._inbox = self._inbox, collections.deque()
             self._wake_pending = False
         for item in inbox:
-            if item[0] == "command":
+            kind = item[0]
+            if kind == "command":
                 _, topic, payload, retain = item
                 self._command(topic, payload, retain)  # type: ignore[arg-type]
-            else:
+            elif kind == "resolved":
                 _, meter, error = item
                 self._resolved(meter, error)  # type: ignore[arg-type]
+            elif kind == "ha":
+                _, topic, payload, retain = item
+                self._home_assistant(topic, payload, retain)  # type: ignore[arg-type]
+            elif kind == "connected":
+                self._connected()
     def _next_command_deadline(self) -> float | None:
         # A meter in flight is left out: its command is decided when the request ends, and
         # a deadline already past would otherwise make this loop spin.
@@ -448,7 +502,22 @@ class Bridge:
 
     def _good_read(self, meter: Meter, snap: Snapshot) -> list[tuple[str, bytes]]:
         relay = relay_from_pout(snap.pout, meter.device.relay_inverted)
+        guarded = meter.guard.apply(snap)
+        for level, text in guarded.log:
+            logger.log(level, "%s: %s", meter.client.label, text)
+        snap = meter.last = guarded.snapshot
         messages = list(state_messages(meter.topics, snap, relay))
+        if meter.changes is not None:
+            messages = meter.changes.select(
+                messages, time.monotonic(), {meter.topics.state: state_fingerprint(snap)}
+            )
+        if self._discovery is not None:
+            announced = meter.announced
+            meter.announced, configs = self._discovery.announce(meter.ha, snap.readings, announced)
+            if configs:
+                # Configs first, so HA finds the state already retained when it subscribes.
+                # Not remembered by the link: regenerated after every connect instead.
+                self.link.publish_volatile(configs)
         if meter.available is not True:
             if meter.available is False:
                 logger.info("%s: back online", meter.client.label)
@@ -506,16 +575,22 @@ class Bridge:
 
     def _on_message(self, topic: str, payload: bytes, retain: bool) -> None:
         """paho's thread: hand the message to the loop (or answer it, once the loop is gone)."""
+        kind = "command"
         if command_segment(self.base, topic) is None:
-            return  # not a command (some brokers push other clients' retained topics at us)
+            discovery = self._discovery
+            if discovery is None or not (
+                topic == discovery.status_topic or topic.endswith("/config")
+            ):
+                return  # not ours (some brokers push other clients' retained topics at us)
+            kind = "ha"
         with self._inbox_lock:
             if not self._closed:
-                self._inbox.append(("command", topic, payload, retain))
+                self._inbox.append((kind, topic, payload, retain))
                 wake, self._wake_pending = not self._wake_pending, True
                 if wake:
                     self._wake()
                 return
-        meter = self._command_meter(topic, retain=retain)
+        meter = self._command_meter(topic, retain=retain) if kind == "command" else None
         if meter is not None:
             self.link.publish_event(meter.topics.relay_result, result_error("bridge shutting down"))
 
@@ -580,3 +655,78 @@ class Bridge:
             # is judged by the meter's answer when the request ends.)
             self._events.append((result, result_error("superseded")))
         logger.info("relay command %s for %s", target.value, meter.client.label)
+
+    # -- Home Assistant ---------------------------------------------------------------------
+
+    def _connected(self) -> None:
+        """The link (re)connected and replayed the remembered state: add the configs."""
+        if self._discovery is None:
+            return
+        self._announce_all(with_state=False)
+        if not self._scanned:
+            self._scanned = True
+            self._start_ghost_scan()
+
+    def _announce_all(self, *, with_state: bool) -> None:
+        """Every config (and, for HA's restart, the current state) of every meter read so far."""
+        assert self._discovery is not None
+        configs: list[tuple[str, bytes]] = []
+        states: list[tuple[str, bytes]] = []
+        for meter in self._meters.values():
+            if meter.last is None or meter.relay is None:
+                continue  # not read yet: its first read announces it
+            configs.extend(self._discovery.configs(meter.ha, meter.last.readings))
+            if with_state:
+                states.extend(state_messages(meter.topics, meter.last, meter.relay))
+                if meter.available is not None:
+                    states.append(
+                        (meter.topics.availability, ONLINE if meter.available else OFFLINE)
+                    )
+        self.link.publish_volatile(configs)
+        if states:
+            self.link.publish_many(states)
+        if with_state:
+            logger.info(
+                "Home Assistant is online: resent %d discovery and %d state messages",
+                len(configs),
+                len(states),
+            )
+
+    def _home_assistant(self, topic: str, payload: bytes, retain: bool) -> None:
+        """The loop: HA's status, or a retained config seen during the ghost scan."""
+        assert self._discovery is not None
+        if topic == self._discovery.status_topic:
+            if payload.strip().lower() == ONLINE:
+                self._announce_all(with_state=True)
+            return
+        scan = self._scan
+        if scan is not None and retain:
+            devid = self._discovery.owned_devid(topic, payload)
+            if devid is not None:
+                scan[topic] = devid
+
+    def _start_ghost_scan(self) -> None:
+        """On the first connect: listen a moment for configs that earlier runs left behind.
+
+        Retained configs of this bridge (Discovery.owned_devid) whose devid is no longer
+        configured get an empty retained payload when the scan ends: HA then removes those
+        entities. Only the first connect: later ones have nothing new to find.
+        """
+        assert self._discovery is not None
+        self._scan = {}
+        self._scan_until = time.monotonic() + GHOST_SCAN_SECONDS
+        self.link.subscribe(self._discovery.subscriptions())
+
+    def _end_ghost_scan(self) -> None:
+        assert self._discovery is not None
+        found, self._scan, self._scan_until = self._scan or {}, None, None
+        self.link.unsubscribe(self._discovery.subscriptions())
+        configured = {meter.device.id for meter in self._meters.values()}
+        ghosts = sorted(topic for topic, devid in found.items() if devid not in configured)
+        if ghosts:
+            self.link.publish_volatile([(topic, b"") for topic in ghosts])
+            logger.info(
+                "cleared %d discovery config(s) of meter(s) no longer configured: %s",
+                len(ghosts),
+                ", ".join(sorted({found[t] for t in ghosts})),
+            )

@@ -11,7 +11,12 @@ import pytest
 from support import LOOPBACK, BrokerProcess, Mosquitto, Probe, Rig, free_port
 
 from bridge.broker import EmbeddedBroker
-from bridge.config import DeviceSettings, MqttSettings
+from bridge.config import (
+    DeviceSettings,
+    HomeAssistantSettings,
+    MqttSettings,
+    PublishSettings,
+)
 from bridge.service import Bridge
 from bridge.simulator import SimMeter, Simulator
 
@@ -81,11 +86,19 @@ def bridge_factory(broker: BrokerProcess) -> Iterator[Callable[..., Bridge]]:
     """Start the real bridge, in this process, against the test broker."""
     bridges: list[Bridge] = []
 
-    def make(devices: list[DeviceSettings], **mqtt: object) -> Bridge:
+    def make(
+        devices: list[DeviceSettings],
+        *,
+        homeassistant: HomeAssistantSettings | None = None,
+        publish: PublishSettings | None = None,
+        **mqtt: object,
+    ) -> Bridge:
         options: dict[str, object] = {"host": LOOPBACK, "port": broker.port, "client_id": f"bridge-{len(bridges)}"}
         options.update(mqtt)
         settings = MqttSettings(**options)  # type: ignore[arg-type]
-        bridge = Bridge(devices, settings, host=LOOPBACK, port=broker.port)
+        bridge = Bridge(
+            devices, settings, host=LOOPBACK, port=broker.port, homeassistant=homeassistant, publish=publish
+        )
         bridge.start()
         bridges.append(bridge)
         return bridge

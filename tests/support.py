@@ -86,6 +86,8 @@ class Message:
     topic: str
     payload: bytes
     retain: bool
+    at: float = 0.0
+    """time.monotonic() when the probe received it."""
 
     def json(self) -> object:
         return json.loads(self.payload)
@@ -123,7 +125,7 @@ class Probe:
 
     def _on_message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
         with self._cond:
-            self.messages.append(Message(msg.topic, msg.payload, bool(msg.retain)))
+            self.messages.append(Message(msg.topic, msg.payload, bool(msg.retain), time.monotonic()))
             self._cond.notify_all()
 
     def last(self, topic: str) -> Message | None:
@@ -153,6 +155,16 @@ class Probe:
     def mark(self) -> int:
         with self._cond:
             return len(self.messages)
+
+    def sync(self, under: str, timeout: float = 10.0) -> None:
+        """Return once everything the broker sent this probe before now has arrived.
+
+        Publishes a marker on a fresh topic under `under` (which the probe must match) and
+        waits for it: the broker forwards in order, so what was queued before is here.
+        """
+        topic = f"{under}/probe-sync-{uuid.uuid4().hex[:8]}"
+        self.publish(topic, b"sync")
+        self.wait_for(topic, timeout=timeout)
 
     def publish(self, topic: str, payload: bytes | str, *, retain: bool = False) -> None:
         self.client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)

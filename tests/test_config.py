@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.config import base_url, load_settings
+from bridge.config import HomeAssistantSettings, PublishSettings, base_url, load_settings
 from bridge.errors import ConfigError
 
 PIN = "913577"
@@ -45,6 +45,26 @@ def test_file_and_defaults(tmp_path: Path) -> None:
         "1728053250", "1728053250", "1728053250", 60.0)
     assert second.url == "http://[::1]:8081"
     assert PIN not in repr(settings) and PIN not in str(settings)
+
+
+def test_home_assistant_and_publish_defaults(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, GOOD))
+    assert (settings.homeassistant.discovery, settings.homeassistant.prefix) == (True, "homeassistant")
+    assert (settings.publish.mode, settings.publish.heartbeat) == ("every_poll", 300)
+
+
+def test_home_assistant_and_publish_from_file_and_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    text = GOOD + "homeassistant: {discovery: false, prefix: ha/disc}\npublish: {mode: on_change, heartbeat: 60}\n"
+    settings = load_settings(write(tmp_path, text))
+    assert (settings.homeassistant.discovery, settings.homeassistant.prefix) == (False, "ha/disc")
+    assert (settings.publish.mode, settings.publish.heartbeat) == ("on_change", 60)
+    monkeypatch.setenv("SMARTMAC_HOMEASSISTANT__DISCOVERY", "true")
+    monkeypatch.setenv("SMARTMAC_PUBLISH__HEARTBEAT", "120")
+    settings = load_settings(write(tmp_path, text))
+    assert settings.homeassistant.discovery is True and settings.homeassistant.prefix == "ha/disc"
+    assert (settings.publish.mode, settings.publish.heartbeat) == ("on_change", 120)
 
 
 def test_environment_wins_over_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -99,6 +119,14 @@ def test_empty_host_from_environment_means_embedded(monkeypatch: pytest.MonkeyPa
         ("devices: [{id: '1', pin: 'x'}]", "devices.0.host: Field required"),
         ("devices: [{id: '1', pin: 'x', host: h}, {id: '1', pin: 'y', host: h, topic: t}]", "devices.1.id '1' is also used by devices.0"),
         ("devices: [{id: '1', pin: 'x', host: h, topic: t}, {id: '2', pin: 'y', host: h, topic: t}]", "devices.1.topic 't' is also used"),
+        ("homeassistant: {prefix: 'ha/#'}", "homeassistant.prefix: must not contain"),
+        ("homeassistant: {prefix: ''}", "homeassistant.prefix: must be non-empty"),
+        ("homeassistant: {discovery: maybe}", "homeassistant.discovery"),
+        ("homeassistant: {prefx: ha}", "homeassistant.prefx: unknown key"),
+        ("publish: {mode: sometimes}", "publish.mode: Input should be 'every_poll' or 'on_change'"),
+        ("publish: {heartbeat: 0}", "publish.heartbeat"),
+        ("publish: {heartbeat: .inf}", "publish.heartbeat"),
+        ("publish: {heartbeat: 1e10}", "publish.heartbeat"),
         ("- just a list", "top level must be a mapping"),
         ("mqtt: {port: [", "not valid YAML"),
     ],
@@ -168,3 +196,5 @@ def test_readme_config_block_is_valid(tmp_path: Path) -> None:
     block = readme.split("```yaml\n", 1)[1].split("```", 1)[0]
     settings = load_settings(write(tmp_path, block))
     assert settings.devices[0].poll_interval == 60 and settings.mqtt.host == "127.0.0.1"
+    assert settings.homeassistant == HomeAssistantSettings()  # the defaults, as printed
+    assert settings.publish == PublishSettings()
