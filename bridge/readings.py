@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from .errors import BodyError
 
@@ -23,9 +23,12 @@ _SEPARATOR = re.compile(r"br\d*")
 _MAX_DIGITS = 40
 
 
-@dataclass(frozen=True, slots=True)
-class Reading:
-    """One value from the body's `data` object."""
+class Reading(NamedTuple):
+    """One value from the body's `data` object.
+
+    A NamedTuple rather than a frozen dataclass: as immutable and as typed, and about three
+    times cheaper to build, which counts at two dozen readings per poll times hundreds of
+    polls a second."""
 
     key: str
     """The meter's key, e.g. `V1`, `Wh3`, `T`, or anything a firmware adds."""
@@ -82,30 +85,41 @@ def parse_body(body: bytes | str) -> Snapshot:
     readings: list[Reading] = []
     rejected: list[str] = []
     for key, entry in data.items():
-        if not isinstance(entry, dict):
+        if type(entry) is not dict:
             rejected.append(key)
             continue
         raw = entry.get("value")
-        if raw is None and _SEPARATOR.fullmatch(key):
+        if type(raw) is str:
+            # The common case, inline: every meter value is a string.
+            text = raw.strip()
+            if text.isdigit() and text.isascii() and len(text) <= _MAX_DIGITS:
+                value: int | float = int(text)
+            else:
+                number = _number(text)
+                if number is None:
+                    rejected.append(key)
+                    continue
+                value = number[1]
+        elif raw is None and _SEPARATOR.fullmatch(key):
             continue  # br0, br1, ...: layout separators, not readings
-        number = _number(raw)
-        if number is None:
-            rejected.append(key)
-            continue
+        else:
+            number = _number(raw)
+            if number is None:
+                rejected.append(key)
+                continue
+            text, value = number
+        name = entry.get("name")
+        unit = entry.get("unit")
         readings.append(
             Reading(
-                key=key,
-                name=_text(entry.get("name")) or key,
-                unit=_text(entry.get("unit")) or "",
-                text=number[0],
-                value=number[1],
+                key,
+                (name.strip() if type(name) is str else "") or key,
+                unit.strip() if type(unit) is str else "",
+                text,
+                value,
             )
         )
     return Snapshot(devid, time, pout, tuple(readings), tuple(rejected))
-
-
-def _text(value: Any) -> str | None:
-    return value.strip() if isinstance(value, str) else None
 
 
 def _integer(value: Any, field: str) -> int:

@@ -506,7 +506,7 @@ class Bridge:
         for level, text in guarded.log:
             logger.log(level, "%s: %s", meter.client.label, text)
         snap = meter.last = guarded.snapshot
-        messages = list(state_messages(meter.topics, snap, relay))
+        messages = state_messages(meter.topics, snap, relay)
         if meter.changes is not None:
             messages = meter.changes.select(
                 messages, time.monotonic(), {meter.topics.state: state_fingerprint(snap)}

@@ -7,7 +7,7 @@ few hundred polls a second, string building is measurable.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -63,7 +63,7 @@ class MeterTopics:
     relay: str = field(init=False)
     relay_set: str = field(init=False)
     relay_result: str = field(init=False)
-    _keys: dict[str, str] = field(init=False, default_factory=dict)
+    _keys: dict[str, str | None] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.prefix = f"{self.base}/{self.segment}/"
@@ -73,11 +73,13 @@ class MeterTopics:
         self.relay_set = self.prefix + "relay/set"
         self.relay_result = self.prefix + "relay/result"
 
-    def key(self, key: str) -> str:
-        topic = self._keys.get(key)
-        if topic is None:
-            topic = self._keys[key] = self.prefix + key
-        return topic
+    def key(self, key: str) -> str | None:
+        """B/D/KEY, or None for a key that cannot be its own topic (see valid_key)."""
+        try:
+            return self._keys[key]
+        except KeyError:
+            topic = self._keys[key] = self.prefix + key if valid_key(key) else None
+            return topic
 
 
 def bridge_availability(base: str) -> str:
@@ -102,22 +104,25 @@ def command_segment(base: str, topic: str) -> str | None:
     return segment if segment and "/" not in segment else None
 
 
-def state_messages(
-    topics: MeterTopics, snap: Snapshot, relay: Relay
-) -> Iterator[tuple[str, bytes]]:
+def state_messages(topics: MeterTopics, snap: Snapshot, relay: Relay) -> list[tuple[str, bytes]]:
     """Every retained message one good read produces: B/D/KEY..., B/D/state, B/D/relay."""
+    messages: list[tuple[str, bytes]] = []
     state: dict[str, object] = {}
+    key_topic = topics.key
     for reading in snap.readings:
-        if valid_key(reading.key):
-            yield topics.key(reading.key), reading.text.encode()
-        state[reading.key] = reading.value
+        key = reading.key
+        topic = key_topic(key)
+        if topic is not None:
+            messages.append((topic, reading.text.encode()))
+        state[key] = reading.value
     # The envelope fields win over any data key of the same name.
     state["devid"] = snap.devid
     state["time"] = snap.time
     state["pout"] = snap.pout
     state["relay"] = relay.value
-    yield topics.state, json.dumps(state, separators=(",", ":")).encode()
-    yield topics.relay, relay.value.encode()
+    messages.append((topics.state, json.dumps(state, separators=(",", ":")).encode()))
+    messages.append((topics.relay, relay.value.encode()))
+    return messages
 
 
 def info_payload(version: str, devices: Iterable[dict[str, object]]) -> bytes:
