@@ -268,14 +268,16 @@ def _ms(values: list[float], pct: float) -> float | None:
 def bridge_config(tmp: Path, args: argparse.Namespace, broker_port: int, sim_port: int) -> Path:
     main, fast = fleet(args.meters, args.commands, args.command_delay / 1000)
     host = f"{LOOPBACK}:{sim_port}"
+    # Command meters first: the bridge spreads its first polls over up to one interval in
+    # config order, and a command meter's slot is free only 6 s after its first poll.
     devices = [
-        {"id": m.devid, "pin": m.pin, "host": host, "topic": f"m{i:05d}", "extended": True,
-         "interval": INTERVAL, "timeout": 5}
-        for i, m in enumerate(main)
-    ] + [
         {"id": m.devid, "pin": m.pin, "host": host, "topic": f"cmd{i:03d}", "extended": True,
          "interval": COMMAND_INTERVAL, "timeout": 5}
         for i, m in enumerate(fast)
+    ] + [
+        {"id": m.devid, "pin": m.pin, "host": host, "topic": f"m{i:05d}", "extended": True,
+         "interval": INTERVAL, "timeout": 5}
+        for i, m in enumerate(main)
     ]  # fmt: skip
     config: dict[str, Any] = {
         "mqtt": {"host": LOOPBACK, "port": broker_port, "client_id": "bench-bridge",
@@ -311,7 +313,7 @@ def run_peer(peer: str, args: argparse.Namespace, log: Callable[[str], None]) ->
         if peer == "bridge":
             config = bridge_config(tmp, args, broker_port, sim_port)
             out = tmp / "bridge-result.json"
-            command = [sys.executable, str(ROOT / "bench" / "_bridge.py"), "--config", str(config), "--out", str(out)]
+            command = [sys.executable, str(ROOT / "bench" / "_bridge.py"), "--config", str(config), "--out", str(out), "--log-level", os.environ.get("BENCH_LOG_LEVEL", "WARNING")]
             commander = Commander(broker_port, segments, args.qos)
             stack.callback(commander.stop)
             target = spawn("bridge", command, tmp / "bridge.log")
@@ -402,7 +404,10 @@ def run_peer(peer: str, args: argparse.Namespace, log: Callable[[str], None]) ->
         f["bridge_threads"] = threads
     if peer == "node-red":
         f["inject_interval_s"] = args.nr_interval
-    shutil.rmtree(tmp, ignore_errors=True)
+    if args.keep:
+        log(f"{peer}: logs and results kept in {tmp}")
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
     return row
 
 
@@ -479,6 +484,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--command-delay", type=float, default=20.0, metavar="MS",
                         help="answer delay of the command meters (default 20)")
     parser.add_argument("--json-only", action="store_true", help="print only the JSON line")
+    parser.add_argument("--keep", action="store_true", help="keep the run's directory (logs, configs, lags)")
     args = parser.parse_args(argv)
     if args.meters < 1 or args.seconds <= 0 or args.commands < 0:
         parser.error("--meters must be at least 1, --seconds positive, --commands not negative")

@@ -38,12 +38,16 @@ class Timing:
     in_flight: bool = False
     urgent: bool = False
     """A command waits: go at the earliest moment the gap allows."""
+    hurried: float = float("-inf")
+    """When the waiting command arrived: an urgent request is not due before it."""
     version: int = 0
     """Bumped whenever the due time changes, so older heap entries are recognised as stale."""
 
     def due(self) -> float:
         earliest = self.last_start + self.gap
-        return earliest if self.urgent else max(self.planned, earliest)
+        # An urgent request is due when its command arrived, or when the gap allows: that,
+        # not the long-past poll plan, is what its lag is measured against.
+        return max(earliest, self.hurried) if self.urgent else max(self.planned, earliest)
 
 
 class Scheduler(Generic[K]):
@@ -106,12 +110,13 @@ class Scheduler(Generic[K]):
             timing.planned = max(timing.planned + timing.interval, timing.last_start + timing.gap)
         self._push(key, timing)
 
-    def hurry(self, key: K) -> None:
-        """A command waits for this meter: make it due at the earliest allowed moment."""
+    def hurry(self, key: K, now: float) -> None:
+        """A command arrived at `now`: make the meter due at the earliest allowed moment."""
         timing = self._timing[key]
         if timing.urgent:
             return
         timing.urgent = True
+        timing.hurried = now
         if not timing.in_flight:
             self._push(key, timing)
 

@@ -30,7 +30,7 @@ from .config import (
     min_gap,
 )
 from .counters import CounterGuard
-from .discovery import DeviceInfo, Discovery, Signature
+from .discovery import DeviceInfo, Discovery, Signature, signature
 from .errors import BodyError, CommandError, MeterError, MeterUnreachable
 from .meter import Exchange, MeterClient
 from .mqtt import MqttLink
@@ -511,7 +511,9 @@ class Bridge:
             messages = meter.changes.select(
                 messages, time.monotonic(), {meter.topics.state: state_fingerprint(snap)}
             )
-        if self._discovery is not None:
+        if self._discovery is not None and self._scan is None:
+            # (During the ghost scan configs wait for its end: published now, every one
+            # would come straight back to us through the scan's subscription.)
             announced = meter.announced
             meter.announced, configs = self._discovery.announce(meter.ha, snap.readings, announced)
             if configs:
@@ -645,11 +647,12 @@ class Bridge:
         else:
             target = Relay(action.value)
         segment = meter.device.segment
+        now = time.monotonic()
         meter.command = Command(
-            target, deadline=time.monotonic() + 2 * meter.device.poll_interval + COMMAND_SLACK
+            target, deadline=now + 2 * meter.device.poll_interval + COMMAND_SLACK
         )
         self._waiting.add(segment)
-        self._schedule.hurry(segment)
+        self._schedule.hurry(segment, now)
         if previous is not None and previous is not meter.sending:
             # Still waiting for its slot: the last command wins. (One already on its way
             # is judged by the meter's answer when the request ends.)
@@ -662,10 +665,11 @@ class Bridge:
         """The link (re)connected and replayed the remembered state: add the configs."""
         if self._discovery is None:
             return
-        self._announce_all(with_state=False)
         if not self._scanned:
             self._scanned = True
-            self._start_ghost_scan()
+            self._start_ghost_scan()  # its end announces every meter read so far
+        elif self._scan is None:
+            self._announce_all(with_state=False)
 
     def _announce_all(self, *, with_state: bool) -> None:
         """Every config (and, for HA's restart, the current state) of every meter read so far."""
@@ -676,6 +680,7 @@ class Bridge:
             if meter.last is None or meter.relay is None:
                 continue  # not read yet: its first read announces it
             configs.extend(self._discovery.configs(meter.ha, meter.last.readings))
+            meter.announced = signature(meter.last.readings)
             if with_state:
                 states.extend(state_messages(meter.topics, meter.last, meter.relay))
                 if meter.available is not None:
@@ -723,6 +728,7 @@ class Bridge:
         self.link.unsubscribe(self._discovery.subscriptions())
         configured = {meter.device.id for meter in self._meters.values()}
         ghosts = sorted(topic for topic, devid in found.items() if devid not in configured)
+        self._announce_all(with_state=False)  # the meters read during the scan
         if ghosts:
             self.link.publish_volatile([(topic, b"") for topic in ghosts])
             logger.info(

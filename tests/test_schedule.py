@@ -63,7 +63,7 @@ def test_command_goes_at_the_earliest_slot_and_restarts_cadence() -> None:
     sched.pop_due(0.0)
     sched.finished("m", 0.0, 0.0)
     assert sched.next_due() == 60.0
-    sched.hurry("m")
+    sched.hurry("m", 1.0)
     assert sched.next_due() == pytest.approx(6.0 + GUARD)
     assert sched.pop_due(6.0) == []
     (item,) = sched.pop_due(6.1)
@@ -75,17 +75,27 @@ def test_command_goes_at_the_earliest_slot_and_restarts_cadence() -> None:
 def test_command_while_in_flight_waits_for_the_gap() -> None:
     sched = make(interval=60.0, gap=60.0)
     sched.pop_due(0.0)
-    sched.hurry("m")
+    sched.hurry("m", 0.5)
     assert sched.next_due() is None  # still in flight
     sched.finished("m", 0.0, 0.0)
     assert sched.next_due() == pytest.approx(60.0 + GUARD)
+
+
+def test_a_command_long_after_the_gap_is_due_when_it_arrived() -> None:
+    # Its lag is measured against its arrival, not against a poll plan an hour old.
+    sched = make(interval=3600.0, gap=6.0)
+    sched.pop_due(0.0)
+    sched.finished("m", 0.0, 0.1)
+    sched.hurry("m", 30.0)
+    assert sched.next_due() == 30.0
+    assert sched.pop_due(30.002) == [("m", 30.0)]
 
 
 def test_settle_returns_to_the_cadence() -> None:
     sched = make(interval=60.0, gap=6.0)
     sched.pop_due(0.0)
     sched.finished("m", 0.0, 0.0)
-    sched.hurry("m")
+    sched.hurry("m", 1.0)
     sched.settle("m")
     assert sched.next_due() == 60.0
 
