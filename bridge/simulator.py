@@ -33,6 +33,7 @@ FAULTS: Final = (
     "hang",
     "drip",
     "drip_head",
+    "cut_head",
     "http500",
     "http429",
     "html",
@@ -555,6 +556,10 @@ class Simulator:
             # Even the status line and headers come one byte at a time: a client whose
             # timeout is per read (requests, http.client) never times out on it.
             return _Plan("drip", b"", _head(200, _JSON, len(body)) + body)
+        if fault == "cut_head":
+            # Power lost mid-answer: the connection closes inside a header line.
+            head = _head(200, _JSON, len(body))
+            return _Plan("send", head[: head.index(b"Content-Type") + 6])
         if fault == "huge":
             # A valid start of a meter body whose last string never ends: the padding
             # that follows is "inside" it, so only a size cap saves the client.
