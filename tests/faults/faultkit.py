@@ -9,6 +9,7 @@ import base64
 import contextlib
 import getpass
 import hashlib
+import itertools
 import logging
 import os
 import re
@@ -118,6 +119,7 @@ class Watch:
         self.records: list[Logged] = []
         self._probes: list[Probe] = []
         self._texts: list[tuple[str, Callable[[], str]]] = []
+        self._reported: set[str] = set()
 
     @contextlib.contextmanager
     def capture(self) -> Iterator[Watch]:
@@ -151,7 +153,8 @@ class Watch:
         found = []
         for logged in list(self.records):
             if (where := find_secret(logged.text)) is not None:
-                found.append(f"log record: {where!r}")
+                record = logged.record
+                found.append(f"log record ({record.levelname} from {record.name}): {where!r}")
         for probe in self._probes:
             for message in list(probe.messages):
                 text = message.topic + " " + message.payload.decode("utf-8", "replace")
@@ -163,7 +166,9 @@ class Watch:
         return found
 
     def assert_no_secret(self) -> None:
-        leaks = self.leaks()
+        """Fails on leaks not reported by an earlier call (a test may check mid-way)."""
+        leaks = [leak for leak in self.leaks() if leak not in self._reported]
+        self._reported.update(leaks)
         assert not leaks, f"{len(leaks)} secret(s) leaked, first ones:\n" + "\n".join(leaks[:5])
 
 
@@ -321,4 +326,4 @@ def arrivals_before(meter: SimMeter, moment: float) -> int:
 
 def gaps(meter: SimMeter) -> list[float]:
     times = list(meter.request_times)
-    return [later - earlier for earlier, later in zip(times, times[1:], strict=False)]
+    return [later - earlier for earlier, later in itertools.pairwise(times)]
