@@ -230,6 +230,7 @@ def test_good_meters_keep_their_schedule_while_others_hang(scenario: Scenario) -
 
 def test_no_crash_and_no_error_logged(scenario: Scenario) -> None:
     assert scenario.connected_throughout
+    assert scenario.watch.logged("lost connection to MQTT broker") == []
     assert [r.text for r in scenario.watch.records if r.level >= 40] == []
     assert_rate_limit_kept(scenario.sim)
     for item in scenario.broken.values():
