@@ -78,7 +78,6 @@ class Scenario:
     good: list[SimMeter]
     nonnumeric: SimMeter
     messages: list[Message] = field(default_factory=list)
-    started: float = 0.0
     stopping: float = 0.0
     watch: Watch = field(default_factory=Watch)
     connected_throughout: bool = False
@@ -141,7 +140,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
         settings = MqttSettings(host=LOOPBACK, port=mosquitto.port, client_id="fault-meters",
                                 username=USERNAME, password=PASSWORD)  # fmt: skip
         bridge = Bridge(devices, settings, host=LOOPBACK, port=mosquitto.port)
-        result = Scenario(sim, broken, good, nonnumeric, watch=watch, started=time.monotonic())
+        result = Scenario(sim, broken, good, nonnumeric, watch=watch)
         bridge.start()
         stack.callback(bridge.stop)
         assert bridge.link.connected.wait(10), "the bridge did not connect"
