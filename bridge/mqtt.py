@@ -55,6 +55,8 @@ class MqttLink:
         self._lock = threading.Lock()
         self._retained: dict[str, bytes] = {}
         self._connected = False
+        self._stopped = False
+        self._refused = False
         self._last_problem: str | None = None
         self.connected = threading.Event()
         """Set while connected to the broker."""
@@ -111,6 +113,7 @@ class MqttLink:
                 if self._connected:
                     last = self._client.publish(topic, payload, qos=1, retain=True)
             self._connected = False  # nothing more goes out after the final words
+            self._stopped = True
         if last is not None:
             try:
                 # paho sends in order, so the last one acknowledged means all were sent.
@@ -178,6 +181,7 @@ class MqttLink:
     def _connected_to_broker(self, client: paho.Client, reason: ReasonCode) -> None:
         if reason.is_failure:
             # Typically bad credentials: say it once, name the broker (never the password).
+            self._refused = True  # the disconnect that follows needs no words of its own
             self._problem(f"MQTT broker {self.broker} refused the connection: {reason}")
             return
         for topic in self._subscriptions:
@@ -211,6 +215,16 @@ class MqttLink:
         self.connected.clear()
         if was_connected:
             self._problem(f"lost connection to MQTT broker {self.broker} ({reason}); reconnecting")
+        elif self._refused:
+            self._refused = False
+        elif not self._stopped:
+            # Dropped before the broker accepted us: with TLS 1.3 a broker that requires a
+            # client certificate says no only now, after the handshake.
+            self._problem(
+                f"MQTT broker {self.broker} closed the connection before accepting it"
+                " (a TLS client certificate it requires, or a listener for another"
+                " protocol?); retrying"
+            )
 
     def _handle_message(self, client: paho.Client, userdata: object, message: paho.MQTTMessage) -> None:
         try:

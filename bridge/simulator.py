@@ -33,6 +33,8 @@ FAULTS: Final = (
     "refuse",
     "hang",
     "drip",
+    "drip_head",
+    "cut_head",
     "http500",
     "http429",
     "html",
@@ -273,7 +275,8 @@ def _text(code: int, message: str) -> bytes:
 # --- what to do with a request ----------------------------------------------------------
 # _decide() is synchronous and does all the bookkeeping; the connection handler only
 # carries out the plan. Kinds: "send" (write payload, close), "refuse", "hang",
-# "drip" (payload = head, extra = body), "huge" (payload = head, extra = JSON prefix).
+# "drip" (payload at once, then extra one byte per _DRIP_INTERVAL), "huge" (payload =
+# head, extra = JSON prefix).
 
 
 @dataclass(slots=True)
@@ -590,6 +593,14 @@ class Simulator:
             return _Plan("send", _simple(200, _JSON, half))
         if fault == "drip":
             return _Plan("drip", _head(200, _JSON, len(body)), body)
+        if fault == "drip_head":
+            # Even the status line and headers come one byte at a time: a client whose
+            # timeout is per read (requests, http.client) never times out on it.
+            return _Plan("drip", b"", _head(200, _JSON, len(body)) + body)
+        if fault == "cut_head":
+            # Power lost mid-answer: the connection closes inside a header line.
+            head = _head(200, _JSON, len(body))
+            return _Plan("send", head[: head.index(b"Content-Type") + 6])
         if fault == "huge":
             # A valid start of a meter body whose last string never ends: the padding
             # that follows is "inside" it, so only a size cap saves the client.

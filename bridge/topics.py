@@ -20,6 +20,8 @@ OFFLINE = b"offline"
 # Sub-topics of a meter that a data key must not shadow (B/D/<key> would land on them).
 _RESERVED_KEYS = frozenset({"state", "relay", "availability"})
 _MAX_COMMAND = 256
+# No real key comes near this; MQTT caps a whole topic at 65535 bytes.
+_MAX_KEY = 256
 
 
 class Relay(str, Enum):
@@ -47,8 +49,29 @@ def pout_for(relay: Relay, inverted: bool) -> int:
 
 
 def valid_key(key: str) -> bool:
-    """Can this data key be its own topic level under B/D/?"""
-    return bool(key) and key not in _RESERVED_KEYS and not any(c in key for c in "/+#\x00")
+    """Can this data key be its own topic level under B/D/?
+
+    Not a sub-topic of the meter, no level separator or wildcard, and nothing a broker
+    refuses in a topic: mosquitto drops the connection of a client that publishes a
+    control character or a non-character (MQTT 3.1.1 section 1.5.3), and a lone
+    surrogate cannot be encoded at all. One such key in a firmware's answer would
+    otherwise cost the whole connection, again at every reconnect's replay."""
+    return (
+        bool(key)
+        and len(key) <= _MAX_KEY
+        and key not in _RESERVED_KEYS
+        and not any(c in "/+#" or _refused(ord(c)) for c in key)
+    )
+
+
+def _refused(code: int) -> bool:
+    return (
+        code < 0x20  # C0 controls, U+0000 included
+        or 0x7F <= code <= 0x9F  # DEL, C1 controls
+        or 0xD800 <= code <= 0xDFFF  # surrogates: not UTF-8
+        or 0xFDD0 <= code <= 0xFDEF  # non-characters
+        or (code & 0xFFFE) == 0xFFFE  # U+FFFE, U+FFFF, U+1FFFE, ...
+    )
 
 
 @dataclass(slots=True)

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from support import LOOPBACK, BrokerProcess, Mosquitto, Probe, Rig, free_port
+from support import LOOPBACK, BrokerProcess, Mosquitto, Probe, Process, Rig, free_port
 
 from bridge.broker import EmbeddedBroker
 from bridge.config import (
@@ -117,3 +117,12 @@ def rig(
 ) -> Rig:
     """Everything an end-to-end test needs, on one real broker."""
     return Rig(broker, simulator, bridge_factory, probe_factory)
+
+
+@pytest.fixture
+def processes() -> Iterator[list[Process]]:
+    """`python -m bridge` processes a test started; killed at the end if still running."""
+    started: list[Process] = []
+    yield started
+    for process in started:
+        process.kill()

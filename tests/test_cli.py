@@ -2,71 +2,26 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from support import LOOPBACK, Probe, Rig, free_port, wait_for_port
+from support import (
+    LOOPBACK,
+    Probe,
+    Process,
+    Rig,
+    free_port,
+    wait_for_port,
+    write_config,
+)
 
 from bridge.simulator import SimMeter, Simulator
 
-ROOT = Path(__file__).resolve().parent.parent
 PIN = "470193"
-
-
-class Process:
-    """`python -m bridge ...` with its output in files (a pipe could fill up and block it)."""
-
-    def __init__(self, tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> None:
-        self.stdout_path = tmp_path / "stdout.txt"
-        self.stderr_path = tmp_path / "stderr.txt"
-        full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}
-        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "bridge", *args], cwd=ROOT, env=full_env, stdout=out, stderr=err
-            )
-
-    @property
-    def stdout(self) -> str:
-        return self.stdout_path.read_text()
-
-    @property
-    def stderr(self) -> str:
-        return self.stderr_path.read_text()
-
-    def terminate(self, timeout: float = 5.0) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.send_signal(signal.SIGABRT)
-            self.proc.wait(5)
-            raise AssertionError("did not exit:\n" + self.stderr[-5000:])
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
-@pytest.fixture
-def processes() -> Iterator[list[Process]]:
-    started: list[Process] = []
-    yield started
-    for process in started:
-        process.kill()
-
-
-def write_config(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "config.yaml"
-    path.write_text(text)
-    return path
 
 
 def test_run_publishes_and_sigterm_publishes_offline(tmp_path: Path, rig: Rig, processes: list[Process]) -> None:

@@ -197,7 +197,7 @@ def test_energy_guard_and_on_change(rig: Rig, caplog: pytest.LogCaptureFixture) 
     for topic, sent in by_topic.items():
         for previous, message in itertools.pairwise(sent):
             # Sent again only changed, or a heartbeat later (1 s slack for delivery).
-            assert _changed(previous, message) or message.at - previous.at >= heartbeat - 1, topic
+            assert _changed(previous, message) or message.received - previous.received >= heartbeat - 1, topic
     # Each bridge's ghost cleanup left the other's configs alone.
     cleared = [m.topic for m in probe.messages if m.topic.startswith("homeassistant/") and m.payload == b""]
     assert cleared == []

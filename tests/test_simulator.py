@@ -334,6 +334,29 @@ def test_fault_drip(make_sim: Callable[..., Simulator]) -> None:
             r.content  # noqa: B018 - the body never does
 
 
+def test_fault_drip_head(make_sim: Callable[..., Simulator]) -> None:
+    sim = make_sim(make_fleet(1))
+    m = first(sim)
+    sim.set_fault(m.devid, "drip_head")
+    with socket.create_connection(("127.0.0.1", sim.port), timeout=5) as s:
+        s.sendall(f"GET /?page=getdata&devid={m.devid}&devpass={m.pin} HTTP/1.0\r\n\r\n".encode())
+        # Not even the status line comes at once: every read gets one byte.
+        assert [s.recv(100) for _ in range(3)] == [b"H", b"T", b"T"]
+    assert m.requests == 1
+
+
+def test_fault_cut_head(make_sim: Callable[..., Simulator]) -> None:
+    sim = make_sim(make_fleet(1))
+    m = first(sim)
+    sim.set_fault(m.devid, "cut_head")
+    with socket.create_connection(("127.0.0.1", sim.port), timeout=5) as s:
+        s.sendall(f"GET /?page=getdata&devid={m.devid}&devpass={m.pin} HTTP/1.0\r\n\r\n".encode())
+        answer = b""
+        while chunk := s.recv(4096):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.0 200 OK\r\n") and answer.endswith(b"\r\nConten")
+
+
 @pytest.mark.parametrize(("fault", "status"), [("http500", 500), ("http429", 429)])
 def test_fault_error_status(make_sim: Callable[..., Simulator], fault: str, status: int) -> None:
     sim = make_sim(make_fleet(1))
@@ -447,7 +470,7 @@ def test_fault_huge(make_sim: Callable[..., Simulator]) -> None:
 
 def test_every_fault_is_covered() -> None:
     covered = {
-        "ok", "refuse", "hang", "drip", "http500", "http429", "html", "truncated",
+        "ok", "refuse", "hang", "drip", "drip_head", "cut_head", "http500", "http429", "html", "truncated",
         "no_data", "nonnumeric", "huge", "clean_json", "drop_wh", "pout_error",
     }  # fmt: skip
     assert set(FAULTS) == covered
