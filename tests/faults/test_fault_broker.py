@@ -38,7 +38,11 @@ def test_ten_broker_restarts_lose_nothing(rig: Rig, mosquitto: FaultMosquitto) -
     for segment in segments:
         first.wait_for(f"smartmac/{segment}/availability", lambda m: m.payload == b"online")
     first.wait_for("smartmac/bridge/info")
+    for meter in meters:  # discovery is on by default: configs come after the first reads
+        first.wait_for(f"homeassistant/switch/smartmac_{meter.devid}/relay/config")
+        first.wait_for(f"homeassistant/sensor/smartmac_{meter.devid}/V1/config")
     expected = bridge_topics(first)
+    assert len([t for t in expected if t.startswith("homeassistant/")]) >= 3 * 5
     # The bridge's own two, and per meter availability, state, relay and every reading.
     wanted = {"smartmac/bridge/availability", "smartmac/bridge/info"}
     for segment in segments:
