@@ -48,7 +48,9 @@ _IN_PROGRESS = (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN)
 class MeterClient:
     """How to reach one meter: its address and its prebuilt requests."""
 
-    __slots__ = ("label", "host", "port", "timeout", "_requests", "_address", "_resolved_at")
+    __slots__ = (
+        "label", "host", "port", "timeout", "_requests", "_addresses", "_current", "_resolved_at",
+    )
 
     def __init__(self, url: str, devid: str, pin: str, *, timeout: float = 5.0) -> None:
         parts = urlsplit(url)
@@ -68,8 +70,10 @@ class MeterClient:
             )
             for pout in (None, 0, 1)
         }
-        self._address: tuple[int, tuple[object, ...]] | None = _literal(self.host, self.port)
-        self._resolved_at = float("inf") if self._address is not None else float("-inf")
+        literal = _literal(self.host, self.port)
+        self._addresses: list[tuple[int, tuple[object, ...]]] = [literal] if literal else []
+        self._current = 0
+        self._resolved_at = float("inf") if literal else float("-inf")
 
     # -- addresses ------------------------------------------------------------------------
 
@@ -77,7 +81,7 @@ class MeterClient:
         """(family, sockaddr), or None when the host name must be resolved (again) first."""
         if now - self._resolved_at > RESOLVE_TTL:
             return None
-        return self._address
+        return self._addresses[self._current]
 
     def resolve(self) -> MeterError | None:
         """Look the host name up (blocking: call it off the event loop). None on success."""
@@ -85,14 +89,25 @@ class MeterClient:
             infos = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
         except (OSError, UnicodeError) as exc:
             return MeterUnreachable(f"{self.label}: cannot resolve host ({_reason(exc)})")
-        family, _, _, _, sockaddr = infos[0]
-        self._address = (family, sockaddr)
+        addresses: list[tuple[int, tuple[object, ...]]] = []
+        for family, _, _, _, sockaddr in infos:
+            if (family, sockaddr) not in addresses:
+                addresses.append((family, sockaddr))
+        if not addresses:
+            return MeterUnreachable(f"{self.label}: cannot resolve host (no address)")
+        self._addresses, self._current = addresses, 0
         self._resolved_at = time.monotonic()
         return None
 
     def forget_address(self) -> None:
-        """After a failure, look a host name up again (the meter may have a new address)."""
-        if self._resolved_at != float("inf"):
+        """After a failure: try the name's next address, or, after the last, look it up
+        again (the meter may have a new one). `localhost` gives ::1 first, say, and a
+        dual-stack name an IPv6 address that an IPv4-only meter does not answer on."""
+        if self._resolved_at == float("inf"):
+            return  # an IP address: nothing else to try
+        if self._current + 1 < len(self._addresses):
+            self._current += 1
+        else:
             self._resolved_at = float("-inf")
 
     # -- requests -----------------------------------------------------------------------
@@ -160,13 +175,19 @@ class Exchange:
             return
         sock.setblocking(False)
         self._sock = sock
-        code = sock.connect_ex(sockaddr)
-        if code and code not in _IN_PROGRESS:
-            self._fail(MeterUnreachable(f"{self.client.label}: {os.strerror(code)}"))
+        try:
+            code = sock.connect_ex(sockaddr)
+            if code and code not in _IN_PROGRESS:
+                self._fail(MeterUnreachable(f"{self.client.label}: {os.strerror(code)}"))
+                return
+            self._tag = self if tag is None else tag
+            selector.register(sock, selectors.EVENT_WRITE, self._tag)
+        except OSError as exc:
+            # e.g. a scoped IPv6 address whose interface is gone (gaierror), or the
+            # selector out of room: this request fails, the loop goes on.
+            self._fail(MeterUnreachable(f"{self.client.label}: {_reason(exc)}"))
             return
         self._selector = selector
-        self._tag = self if tag is None else tag
-        selector.register(sock, selectors.EVENT_WRITE, self._tag)
 
     def on_event(self, mask: int) -> None:
         """The socket is ready: connect done, request out, or answer bytes in."""
@@ -237,8 +258,8 @@ class Exchange:
         """Check what has arrived; close when the answer is complete or cannot be."""
         buf = self._buf
         if self._head_end < 0:
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
+            end, gap = _head_end(buf)
+            if end < 0 or end > MAX_HEAD:
                 if len(buf) > MAX_HEAD:
                     self._fail(BodyError(f"{self.client.label}: answer headers too long"))
                 elif eof:
@@ -248,7 +269,7 @@ class Exchange:
             if error is not None:
                 self._fail(error)
                 return
-            self._head_end = end + 4
+            self._head_end = end + gap
         body = len(buf) - self._head_end
         if body > MAX_BODY:
             self._fail(BodyError(f"{self.client.label}: answer longer than {MAX_BODY} bytes"))
@@ -264,7 +285,7 @@ class Exchange:
         self._close()
 
     def _parse_head(self, head: bytes) -> MeterError | None:
-        lines = head.split(b"\r\n")
+        lines = [line.rstrip(b"\r") for line in head.split(b"\n")]
         status = lines[0].split(None, 2)
         if len(status) < 2 or not status[0].startswith(b"HTTP/") or not status[1].isdigit():
             return BodyError(f"{self.client.label}: answer is not HTTP")
@@ -304,6 +325,17 @@ class Exchange:
             except (KeyError, ValueError):
                 pass
         sock.close()
+
+
+def _head_end(buf: bytearray) -> tuple[int, int]:
+    """(where the head ends, length of the blank line after it), or (-1, 0) if not yet.
+
+    CRLF as HTTP says, or bare LF as some embedded servers send (http.client accepts both)."""
+    crlf = buf.find(b"\r\n\r\n")
+    lf = buf.find(b"\n\n")
+    if lf >= 0 and (crlf < 0 or lf < crlf):
+        return lf, 2
+    return (crlf, 4) if crlf >= 0 else (-1, 0)
 
 
 def _status_error(label: str, status: int) -> MeterError:

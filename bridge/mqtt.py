@@ -143,7 +143,7 @@ class MqttLink:
             if not self._connected:
                 return
             if self._raw is not None:
-                self._raw.publish_retained(messages)
+                self._raw.publish_retained(messages, cache=False)
                 return
             for topic, payload in messages:
                 self._client.publish(topic, payload, qos=self._qos, retain=True)
@@ -189,9 +189,14 @@ class MqttLink:
         with self._lock:
             self._connected = True
             _drop_unsent_retained(client)
-            # Everything retained, again: after a broker restart it is all gone.
-            for topic, payload in self._retained.items():
-                client.publish(topic, payload, qos=self._qos, retain=True)
+            # Everything retained, again: after a broker restart it is all gone. (Under
+            # the lock, so no newer value can go out before the older replayed one; as one
+            # buffer at QoS 0, so 90,000 topics take 0.1 s rather than 2 s of it.)
+            if self._raw is not None:
+                self._raw.publish_retained(list(self._retained.items()))
+            else:
+                for topic, payload in self._retained.items():
+                    client.publish(topic, payload, qos=self._qos, retain=True)
             count = len(self._retained)
         self.connected.set()
         self._last_problem = None
@@ -282,19 +287,32 @@ class _RawPublisher:
         queue = getattr(client, "_packet_queue", None)
         return cls(queue) if callable(queue) else None
 
-    def publish_retained(self, messages: list[tuple[str, bytes]]) -> None:
+    def publish_retained(self, messages: list[tuple[str, bytes]], *, cache: bool = True) -> None:
+        """`cache`: keep the topics' encoded form (the state topics, sent every poll; not
+        discovery configs, sent once per connect: 90,000 of them at 2,000 meters)."""
         topics = self._topics
         parts: list[bytes] = []
         for topic, payload in messages:
             encoded = topics.get(topic)
             if encoded is None:
                 raw = topic.encode()
-                encoded = topics[topic] = len(raw).to_bytes(2, "big") + raw
+                encoded = len(raw).to_bytes(2, "big") + raw
+                if cache:
+                    topics[topic] = encoded
             parts += (_fixed_header(len(encoded) + len(payload)), encoded, payload)
-        info = paho.MQTTMessageInfo(0)
-        self._queue(paho.PUBLISH, b"".join(parts), 0, 0, info)
+            if len(parts) >= _CHUNK_PARTS:
+                # A replay of 90,000 topics goes in pieces: paho slices its buffer after
+                # every partial send, which would copy megabytes many times over.
+                self._send(parts)
+                parts = []
+        if parts:
+            self._send(parts)
+
+    def _send(self, parts: list[bytes]) -> None:
+        self._queue(paho.PUBLISH, b"".join(parts), 0, 0, paho.MQTTMessageInfo(0))
 
 
+_CHUNK_PARTS = 3 * 1000  # 1,000 messages (three parts each), some 50 KB
 _RETAINED_QOS0 = 0x31  # PUBLISH, DUP 0, QoS 0, RETAIN 1
 _SHORT_HEADERS = [bytes((_RETAINED_QOS0, n)) for n in range(128)]
 

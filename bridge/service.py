@@ -31,7 +31,7 @@ from .config import (
 )
 from .counters import CounterGuard
 from .discovery import DeviceInfo, Discovery, Signature, signature
-from .errors import BodyError, CommandError, MeterError, MeterUnreachable
+from .errors import BodyError, CommandError, MeterError, MeterHTTPError, MeterUnreachable
 from .meter import Exchange, MeterClient
 from .mqtt import MqttLink
 from .readings import Snapshot, parse_body
@@ -100,6 +100,8 @@ class Meter:
     """The request in flight, if any."""
     started: float = 0.0
     """When that request started (monotonic)."""
+    verify: bool = False
+    """The last switching request got an HTTP error: read the relay before sending again."""
     resolving: bool = False
     """A thread is looking up the meter's host name; the request starts when it is done."""
     rejected_logged: set[str] = field(default_factory=set)
@@ -234,7 +236,8 @@ class Bridge:
             if self._stopping:
                 return
             self._stopping = True
-        self._wake()
+            if not self._closed:  # else the pipe is closed, and its fd may be reused
+                self._wake()
         if self._thread.is_alive():
             # The loop answers open commands and abandons requests in flight: nothing
             # waits for a dead meter. It never blocks, so this join is short.
@@ -257,10 +260,10 @@ class Bridge:
                 wake = self._turn(events)
             except Exception:
                 # This thread is the bridge's heartbeat: a bug here must not stop all
-                # polling while the bridge still says online. Log it and go on.
+                # polling while the bridge still says online. Log it and go on; what the
+                # turn had to publish still goes out.
                 logger.exception("error in the bridge loop; continuing")
-                self._out.clear()
-                self._events.clear()
+                self._flush()
                 wake = time.monotonic() + 1.0
         self._close()
 
@@ -279,9 +282,13 @@ class Bridge:
             exchange = meter.exchange
             if exchange is None:
                 continue
-            exchange.on_event(mask)
-            if exchange.done:
-                self._complete(meter, now)
+            try:
+                exchange.on_event(mask)
+                if exchange.done:
+                    self._complete(meter, now)
+            except Exception:
+                logger.exception("%s: unexpected error in a request", meter.client.label)
+                self._abandon(meter)
         deadlines = self._deadlines
         while deadlines and deadlines[0][0] <= now:
             _, _, meter, exchange = heapq.heappop(deadlines)
@@ -295,15 +302,15 @@ class Bridge:
             self._end_ghost_scan()
         self._expire_commands(now)
         for segment, planned in self._schedule.pop_due(now):
-            self._begin(self._meters[segment], planned)
-        if self._out:
-            self.link.publish_many(self._out)
-            self._out = []
-        if self._events:
-            # After the state, so whoever waits for a result finds the relay topic updated.
-            for topic, payload in self._events:
-                self.link.publish_event(topic, payload)
-            self._events = []
+            meter = self._meters[segment]
+            try:
+                self._begin(meter, planned)
+            except Exception:
+                # Each meter popped here is "in flight" until its request ends: one that
+                # failed to start must still end, or it would never be polled again.
+                logger.exception("%s: cannot start a request", meter.client.label)
+                self._abandon(meter)
+        self._flush()
         candidates = [
             t
             for t in (
@@ -315,6 +322,26 @@ class Bridge:
             if t is not None
         ]
         return min(candidates, default=None)
+
+    def _flush(self) -> None:
+        """Publish what this turn produced: the state, then the command results."""
+        if self._out:
+            out, self._out = self._out, []
+            self.link.publish_many(out)
+        if self._events:
+            # After the state, so whoever waits for a result finds the relay topic updated.
+            events, self._events = self._events, []
+            for topic, payload in events:
+                self.link.publish_event(topic, payload)
+
+    def _abandon(self, meter: Meter) -> None:
+        """End the meter's request, whatever state it is in, as a failed one."""
+        if meter.exchange is not None:
+            meter.exchange.abort()
+            meter.exchange = None
+        meter.resolving = False
+        if self._schedule.timing(meter.device.segment).in_flight:
+            self._finish(meter, None, MeterError(f"{meter.client.label}: internal error"), time.monotonic())
 
     def _close(self) -> None:
         """The loop ends: answer every open command, abandon requests, refuse new work."""
@@ -361,18 +388,27 @@ class Bridge:
             inbox, self._inbox = self._inbox, collections.deque()
             self._wake_pending = False
         for item in inbox:
-            kind = item[0]
-            if kind == "command":
-                _, topic, payload, retain = item
-                self._command(topic, payload, retain)  # type: ignore[arg-type]
-            elif kind == "resolved":
-                _, meter, error = item
-                self._resolved(meter, error)  # type: ignore[arg-type]
-            elif kind == "ha":
-                _, topic, payload, retain = item
-                self._home_assistant(topic, payload, retain)  # type: ignore[arg-type]
-            elif kind == "connected":
-                self._connected()
+            try:
+                self._take(item)
+            except Exception:  # one bad item must not lose the ones after it
+                logger.exception("error handling %s", item[0])
+                if item[0] == "resolved":
+                    self._abandon(item[1])  # type: ignore[arg-type]
+
+    def _take(self, item: tuple[object, ...]) -> None:
+        kind = item[0]
+        if kind == "command":
+            _, topic, payload, retain = item
+            self._command(topic, payload, retain)  # type: ignore[arg-type]
+        elif kind == "resolved":
+            _, meter, error = item
+            self._resolved(meter, error)  # type: ignore[arg-type]
+        elif kind == "ha":
+            _, topic, payload, retain = item
+            self._home_assistant(topic, payload, retain)  # type: ignore[arg-type]
+        elif kind == "connected":
+            self._connected()
+
     def _next_command_deadline(self) -> float | None:
         # A meter in flight is left out: its command is decided when the request ends, and
         # a deadline already past would otherwise make this loop spin.
@@ -429,7 +465,11 @@ class Bridge:
         if self.lags is not None:
             self.lags.append(started - planned)
         command = meter.sending = meter.command
-        pout = None if command is None else pout_for(command.target, meter.device.relay_inverted)
+        if command is None or meter.verify:
+            pout = None
+        else:
+            pout = pout_for(command.target, meter.device.relay_inverted)
+        meter.verify = False
         exchange = client.exchange(pout, started)
         meter.exchange = exchange
         meter.started = started
@@ -493,7 +533,7 @@ class Bridge:
                 self._out.extend(self._good_read(meter, snap))
             else:
                 self._out.extend(self._failed_read(meter, error))
-            results = self._settle(meter, segment, command, good=snap is not None)
+            results = self._settle(meter, segment, command, error)
         except Exception:
             logger.exception("%s: unexpected error handling a read", meter.client.label)
             return
@@ -550,13 +590,13 @@ class Bridge:
         return []
 
     def _settle(
-        self, meter: Meter, segment: str, sent: Command | None, *, good: bool
+        self, meter: Meter, segment: str, sent: Command | None, error: MeterError | None
     ) -> list[bytes]:
         """After a request: confirm, keep or fail commands; the results to publish."""
         results = []
         if sent is not None:
             # Judged by what the meter reports, not by the HTTP status of the request.
-            confirmed = good and meter.relay is sent.target
+            confirmed = error is None and meter.relay is sent.target
             if confirmed:
                 results.append(result_ok(sent.target))
                 if meter.command is sent:
@@ -567,6 +607,11 @@ class Bridge:
                 # A newer command arrived while this one was on its way and failed: the
                 # newer one is what goes next, this one will not be repeated.
                 results.append(result_error("superseded"))
+            elif isinstance(error, MeterHTTPError):
+                # Some firmware switches and still answers the switching request with an
+                # error (homeassistant-smart-maic #27): the next slot first reads the meter,
+                # without pout, and that read confirms the command or sends it again.
+                meter.verify = True
             # else: not confirmed yet; it stays urgent and goes again at the next slot.
         command = meter.command
         if command is not None and time.monotonic() >= command.deadline:

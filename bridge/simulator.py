@@ -567,9 +567,9 @@ class Simulator:
             m.pout_requests.append((now, pout))
         m._advance(now)
         m.ok += 1
-        if fault == "pout_error":
+        if fault == "pout_error" and pout is not None:
             # Seen on real firmware (homeassistant-smart-maic #27): the relay switches, yet
-            # the answer is an error status.
+            # the answer to the switching request is an error status.
             return _Plan("send", _text(500, "internal error"))
         body = _render(m, fault)
         return _Plan("send", _simple(200, _JSON, body))

@@ -65,12 +65,42 @@ def test_the_result_follows_the_reported_pout_not_the_http_status(rig: Rig) -> N
     sim.set_fault(meter.devid, "ok")
     result = probe.wait_for("smartmac/m/relay/result", after=mark, timeout=20).json()
     assert result == {"ok": True, "relay": "ON"}
-    # Sent again at the next slot (pout is absolute, so repeating it is safe) and
-    # confirmed by the pout that answer reported.
-    assert [v for _, v in meter.pout_requests] == [1, 1]
+    # After an HTTP error the next slot reads the meter without pout first: the relay is
+    # already ON, so that read confirms the command and nothing is switched twice.
+    assert [v for _, v in meter.pout_requests] == [1]
     results = [m for m in probe.messages[mark:] if m.topic == "smartmac/m/relay/result"]
     assert len(results) == 1
     assert_rate_limit_kept(sim)
+
+
+def test_firmware_that_always_answers_a_switch_with_an_error_is_confirmed_by_a_read(rig: Rig) -> None:
+    # homeassistant-smart-maic #27: the relay switches, the switching request gets HTTP 500,
+    # every time. The next slot reads the meter without pout, and that read confirms it.
+    sim, meter = extended_meter(rig)
+    probe = rig.probe("smartmac/#")
+    rig.bridge([device(sim, meter, topic="m")])
+    probe.wait_for("smartmac/m/relay", lambda m: m.payload == b"OFF")
+    sim.set_fault(meter.devid, "pout_error")
+    mark = probe.mark()
+    probe.publish("smartmac/m/relay/set", "ON")
+    result = probe.wait_for("smartmac/m/relay/result", after=mark, timeout=20).json()
+    assert result == {"ok": True, "relay": "ON"}
+    assert [v for _, v in meter.pout_requests] == [1]  # switched once, never sent again
+    assert probe.last("smartmac/m/relay").payload == b"ON"  # type: ignore[union-attr]
+    assert_rate_limit_kept(sim)
+
+
+def test_a_meter_whose_request_cannot_start_does_not_stop_the_others(rig: Rig) -> None:
+    # A scoped IPv6 address whose interface does not exist: connect() raises at once. It
+    # must count as a failed request (offline after 3), and the others go on being polled.
+    sim, meter = extended_meter(rig)
+    probe = rig.probe("smartmac/#")
+    bad = device(sim, meter, id="99", topic="bad", host="[fe80::1%25nosuchif]:80")
+    rig.bridge([bad, device(sim, meter, topic="good")])
+    probe.wait_for("smartmac/bad/availability", lambda m: m.payload == b"offline", timeout=20)
+    wait_until(lambda: meter.ok >= 3, 20, "three polls of the good meter")
+    assert probe.last("smartmac/good/availability").payload == b"online"  # type: ignore[union-attr]
+    assert probe.last("smartmac/bridge/availability").payload == b"online"  # type: ignore[union-attr]
 
 
 def test_a_command_waiting_for_its_slot_gets_an_error_on_shutdown(

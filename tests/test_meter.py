@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -107,5 +109,75 @@ def test_real_rate_limit(simulator: Callable[..., Simulator]) -> None:
 def test_connection_refused_on_a_closed_port() -> None:
     c = MeterClient(f"http://{LOOPBACK}:{free_port()}", "17", PIN, timeout=1)
     with pytest.raises(MeterUnreachable, match="Connection refused") as info:
+        c.fetch()
+    assert_no_pin(info.value)
+
+
+class OneShotServer:
+    """A loopback server that answers each connection with the same raw bytes, then closes:
+    for answers the simulator does not make (odd line ends, ...)."""
+
+    def __init__(self, answer: bytes) -> None:
+        self.sock = socket.create_server((LOOPBACK, 0))
+        self.port = self.sock.getsockname()[1]
+        self.answer = answer
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(4096)
+                conn.sendall(self.answer)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.parametrize("length", [True, False])
+def test_an_answer_with_bare_lf_line_ends_is_read(length: bool) -> None:
+    # Some embedded servers end header lines with LF only; http.client accepts that.
+    body = b'{"devid":"17","time":"1","pout":"0","data":{"V1":{"name":"V","unit":"V","value":"230.1"}}}'
+    head = b"HTTP/1.0 200 OK\nContent-Type: application/json\n"
+    if length:
+        head += b"Content-Length: %d\n" % len(body)
+    server = OneShotServer(head + b"\n" + body)
+    try:
+        got = MeterClient(f"http://{LOOPBACK}:{server.port}", "17", PIN, timeout=2).fetch()
+    finally:
+        server.close()
+    assert got == body
+    assert parse_body(got).readings[0].text == "230.1"
+
+
+def test_headers_longer_than_the_cap_are_refused_even_in_one_read() -> None:
+    server = OneShotServer(b"HTTP/1.0 200 OK\r\nX-Pad: " + b"x" * 9000 + b"\r\n\r\n{}")
+    try:
+        with pytest.raises(BodyError, match="headers too long"):
+            MeterClient(f"http://{LOOPBACK}:{server.port}", "17", PIN, timeout=2).fetch()
+    finally:
+        server.close()
+
+
+def test_the_next_address_of_a_name_is_tried_after_a_failure(setup: tuple[Simulator, SimMeter]) -> None:
+    # "localhost" may resolve to ::1 first while the meter listens on 127.0.0.1 only.
+    sim, meter = setup
+    c = MeterClient(f"http://localhost:{sim.port}", meter.devid, PIN, timeout=1)
+    assert c.resolve() is None
+    dead = (socket.AF_INET, (LOOPBACK, free_port()))
+    c._addresses = [dead, (socket.AF_INET, (LOOPBACK, sim.port))]  # the first one is dead
+    with pytest.raises(MeterUnreachable, match="Connection refused"):
+        c.fetch()
+    c.forget_address()
+    assert parse_body(c.fetch()).devid == meter.devid
+
+
+def test_a_scoped_ipv6_address_without_its_interface_is_a_meter_error() -> None:
+    c = MeterClient("http://[fe80::1%25nosuchif]:80", "17", PIN, timeout=1)
+    with pytest.raises(MeterUnreachable) as info:
         c.fetch()
     assert_no_pin(info.value)
