@@ -44,7 +44,9 @@ def test_fleet_benchmark_smoke_run() -> None:
         assert set(row) >= {key for key, _ in _LABELS}, peer
         assert row["violations_429"] == 0 and row["early_arrivals"] == 0, (peer, row)
         assert row["polls_per_s"] > 0 and row["messages_per_s"] > 0, (peer, row)
-        assert row["cpu_ms_per_poll"] > 0 and row["peak_rss_mb"] > 0, (peer, row)
+        # CPU comes from /proc in 10 ms clock ticks: a handful of lean polls may cost less
+        # than one, so 0.0 is a valid figure here.
+        assert row["cpu_ms_per_poll"] >= 0 and row["peak_rss_mb"] > 0, (peer, row)
         assert row["subscriber"] in ("mosquitto_sub", "paho")
     bridge = rows["bridge"]
     assert (bridge["relay_commands"], bridge["relay_confirmed"]) == (3, 3)
