@@ -512,7 +512,8 @@ def main(argv: list[str] | None = None) -> int:
     extra: dict[str, Any] = {"publish": args.publish or "every_poll (default)"}
     if len(rows) == 2:
         mine, theirs = rows[0].figures["cpu_ms_per_poll"], rows[1].figures["cpu_ms_per_poll"]
-        extra["cpu_per_poll_ratio"] = round(mine / theirs, 2) if mine and theirs else None
+        # None (n/a) when the peer's CPU rounds to zero ticks, as in a few-second smoke run.
+        extra["cpu_per_poll_ratio"] = round(mine / theirs, 2) if mine is not None and theirs else None
     if not args.json_only:
         print(render(rows, args, extra))
     record = {

@@ -52,7 +52,9 @@ def test_fleet_benchmark_smoke_run() -> None:
     assert (bridge["relay_commands"], bridge["relay_confirmed"]) == (3, 3)
     assert 0 < bridge["relay_p50_ms"] <= bridge["relay_p99_ms"]
     if with_node_red:
-        assert record["cpu_per_poll_ratio"] > 0
+        # Printed; n/a when a handful of polls cost less than one 10 ms clock tick.
+        ratio = record["cpu_per_poll_ratio"]
+        assert ratio is None or ratio >= 0
     # Lag is "n/a" until the bridge records it (bridge.lags); then every figure is there.
     lags = [bridge[key] for key in ("lag_p50_ms", "lag_p99_ms", "lag_max_ms")]
     assert lags == [None] * 3 or all(isinstance(lag, float) for lag in lags)
