@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,29 +17,15 @@ from pathlib import Path
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
+# One copy of these, shared with the benchmark (tests re-import them from here).
+from bench.support import free_port as free_port
+from bench.support import wait_for_port as wait_for_port
 from bridge.config import DeviceSettings
 from bridge.service import Bridge
 from bridge.simulator import SimMeter, Simulator
 
 LOOPBACK = "127.0.0.1"
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for_port(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection((LOOPBACK, port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)  # polling a socket that has no event to wait on
-    raise TimeoutError(f"nothing listens on {LOOPBACK}:{port}")
 
 
 @dataclass
