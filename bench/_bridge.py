@@ -2,8 +2,8 @@
 
     python bench/_bridge.py --config CONFIG --out RESULT.json
 
-Builds the bridge from the config file as `run` does (an external broker is required),
-sets ``bridge.lags = []`` (a bridge that records lag appends the start delay of every
+Builds the bridge from the config file as `run` does (`build_bridge`; an external broker
+is required), sets ``bridge.lags = []`` (the bridge appends the start delay of every
 request it starts, in seconds), and runs until SIGTERM or SIGINT. SIGUSR1 marks the end
 of the warm-up: only lags recorded after it are written. Then writes JSON:
 ``{"lags": [...], "lags_before_mark": n, "threads": n}``.
@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
+from bridge.__main__ import build_bridge
 from bridge.config import load_settings
-from bridge.service import Bridge
 
 
 def main() -> int:
@@ -40,11 +40,12 @@ def main() -> int:
         raise SystemExit("the benchmark bridge needs mqtt.host (no embedded broker)")
     stop = threading.Event()
     mark: list[int] = []
-    bridge = Bridge(settings.devices, settings.mqtt, host=settings.mqtt.host, port=settings.mqtt.port)
-    bridge.lags = []  # type: ignore[attr-defined]  # filled by bridges that record lag
+    # The same path as `run`: every setting (publish, homeassistant, ...) reaches the bridge.
+    bridge = build_bridge(settings, settings.devices, host=settings.mqtt.host, port=settings.mqtt.port)
+    bridge.lags = []
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGUSR1, lambda *_: mark.append(len(bridge.lags)))  # type: ignore[attr-defined]
+    signal.signal(signal.SIGUSR1, lambda *_: mark.append(len(bridge.lags or ())))
     bridge.start()
     try:
         while not stop.wait(1.0):
@@ -52,7 +53,7 @@ def main() -> int:
         threads = threading.active_count()
     finally:
         bridge.stop()
-    lags = list(bridge.lags)  # type: ignore[attr-defined]
+    lags = list(bridge.lags or ())
     start = mark[0] if mark else 0
     result = {"lags": lags[start:], "lags_before_mark": start, "threads": threads}
     Path(args.out).write_text(json.dumps(result))

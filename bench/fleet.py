@@ -3,7 +3,8 @@
 One run starts, each as its own process on free loopback ports: mosquitto, the simulator
 (N extended 3-phase meters answering after --delay ms, plus --commands fast meters for the
 relay round trip), a subscriber counting what arrives on B/#, and the bridge (or, with
---peer node-red, also the Node-RED flow, one after the other on fresh processes). After
+--peer node-red, also the Node-RED flow, and with --peer floor a bare client that only polls,
+one after the other on fresh processes). After
 --warmup seconds it measures for --seconds and prints a table and one JSON line:
 
 - polls/s achieved (accepted requests at the fleet's meters) vs expected (N / interval);
@@ -18,6 +19,7 @@ relay round trip), a subscriber counting what arrives on B/#, and the bridge (or
 
     python bench/fleet.py --meters 2000 --seconds 60
     python bench/fleet.py --meters 2000 --seconds 60 --peer node-red
+    python bench/fleet.py --meters 2000 --seconds 60 --peer floor
 """
 
 from __future__ import annotations
@@ -318,6 +320,10 @@ def run_peer(peer: str, args: argparse.Namespace, log: Callable[[str], None]) ->
             stack.callback(commander.stop)
             target = spawn("bridge", command, tmp / "bridge.log")
             expected = args.meters / INTERVAL
+        elif peer == "floor":
+            command = [sys.executable, str(ROOT / "bench" / "_floor.py"), "--port", str(sim_port), "--meters", str(args.meters), "--interval", str(INTERVAL)]
+            target = spawn("floor", command, tmp / "floor.log")
+            expected = args.meters / INTERVAL
         else:
             main, _ = fleet(args.meters, 0, 0.0)
             flow = nodered.bench_flow(
@@ -436,6 +442,10 @@ _LABELS = [
 ]
 
 
+#: The JSON key of the bridge's CPU per poll as a multiple of each peer's.
+_RATIOS = {"node-red": "cpu_per_poll_ratio", "floor": "cpu_per_poll_ratio_floor"}
+
+
 def _cell(value: object) -> str:
     return "n/a" if value is None else str(value)
 
@@ -462,8 +472,9 @@ def render(rows: list[Row], args: argparse.Namespace, extra: dict[str, Any]) -> 
             )
     for line in lines:
         text.append("  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(line, widths))))
-    if "cpu_per_poll_ratio" in extra:
-        text.append(f"CPU per poll, bridge / node-red: {_cell(extra['cpu_per_poll_ratio'])}")
+    for peer, key in _RATIOS.items():
+        if key in extra:
+            text.append(f"CPU per poll, bridge / {peer}: {_cell(extra[key])}")
     return "\n".join(text)
 
 
@@ -477,7 +488,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--delay", type=float, default=100.0, metavar="MS", help="meter answer delay (default 100)")
     parser.add_argument("--publish", choices=["every_poll", "on_change"], help="bridge publish mode, if its config has one")
     parser.add_argument("--qos", type=int, choices=[0, 1, 2], default=0, help="MQTT QoS of state publishes (default 0)")
-    parser.add_argument("--peer", choices=["node-red"], help="also run the same fleet through a Node-RED flow")
+    parser.add_argument("--peer", choices=["node-red", "floor"], action="append", default=[],
+                        help="also run the same fleet through a Node-RED flow (node-red) or a bare "
+                        "client that only polls (floor); may be given twice")
     parser.add_argument("--nr-interval", type=float, default=6.5, metavar="S",
                         help="Node-RED inject interval (default 6.5: at 6 it breaks the rate limit)")
     parser.add_argument("--commands", type=int, default=50, help="relay commands (default 50)")
@@ -494,7 +507,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--publish: this bridge's config has no publish key yet")
     if shutil.which("mosquitto") is None:
         parser.error("mosquitto is not on PATH (apt-get install mosquitto)")
-    if args.peer == "node-red" and (reason := nodered.missing_tools()):
+    if "node-red" in args.peer and (reason := nodered.missing_tools()):
         parser.error(f"--peer node-red: {reason}")
     return args
 
@@ -507,13 +520,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
     rows = [run_peer("bridge", args, log)]
-    if args.peer == "node-red":
-        rows.append(run_peer("node-red", args, log))
+    for peer in dict.fromkeys(args.peer):  # in the order given, each once
+        rows.append(run_peer(peer, args, log))
     extra: dict[str, Any] = {"publish": args.publish or "every_poll (default)"}
-    if len(rows) == 2:
-        mine, theirs = rows[0].figures["cpu_ms_per_poll"], rows[1].figures["cpu_ms_per_poll"]
+    mine = rows[0].figures["cpu_ms_per_poll"]
+    for row in rows[1:]:
+        theirs = row.figures["cpu_ms_per_poll"]
         # None (n/a) when the peer's CPU rounds to zero ticks, as in a few-second smoke run.
-        extra["cpu_per_poll_ratio"] = round(mine / theirs, 2) if mine is not None and theirs else None
+        ratio = round(mine / theirs, 2) if mine is not None and theirs else None
+        extra[_RATIOS[row.peer]] = ratio
     if not args.json_only:
         print(render(rows, args, extra))
     record = {

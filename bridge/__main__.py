@@ -8,10 +8,14 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .config import DeviceSettings, Settings, load_settings
 from .errors import ConfigError, MeterError, SmartmacError
+
+if TYPE_CHECKING:  # imported when used: `simulate` and `probe` need no MQTT stack
+    from .service import Bridge
 
 logger = logging.getLogger("bridge")
 
@@ -136,10 +140,24 @@ def _broker_address(settings: Settings) -> tuple[str, int]:
     return settings.embedded_broker.host, settings.embedded_broker.port
 
 
-def serve(settings: Settings, devices: Sequence[DeviceSettings]) -> int:
-    """Run the bridge (and the embedded broker if no broker is configured) until a signal."""
+def build_bridge(
+    settings: Settings, devices: Sequence[DeviceSettings], *, host: str, port: int
+) -> Bridge:
+    """The bridge as `run` builds it, every setting passed on (the benchmark uses it too)."""
     from .service import Bridge
 
+    return Bridge(
+        tuple(devices),
+        settings.mqtt,
+        host=host,
+        port=port,
+        homeassistant=settings.homeassistant,
+        publish=settings.publish,
+    )
+
+
+def serve(settings: Settings, devices: Sequence[DeviceSettings]) -> int:
+    """Run the bridge (and the embedded broker if no broker is configured) until a signal."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop.set())
@@ -152,14 +170,7 @@ def serve(settings: Settings, devices: Sequence[DeviceSettings]) -> int:
         broker = EmbeddedBroker(host, port).start()
         logger.info("no mqtt.host configured: using the embedded broker on %s:%d", host, port)
     try:
-        bridge = Bridge(
-            tuple(devices),
-            settings.mqtt,
-            host=host,
-            port=port,
-            homeassistant=settings.homeassistant,
-            publish=settings.publish,
-        )
+        bridge = build_bridge(settings, devices, host=host, port=port)
         bridge.start()
         try:
             while not stop.wait(1.0):
