@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import logging
+import os
 import signal
 import sys
 import threading
@@ -85,7 +87,11 @@ def _parser() -> argparse.ArgumentParser:
     probe = command("probe", "Ask one meter once and print what it says.")
     probe.add_argument("--host", required=True, help="host, host:port or http://host:port")
     probe.add_argument("--id", required=True, help="the meter's devid")
-    probe.add_argument("--pin", required=True, help="the meter's PIN (devpass)")
+    probe.add_argument(
+        "--pin",
+        help="the meter's PIN (devpass); left out: $SMARTMAC_PIN, else asked for (a command "
+        "line is visible to every user in ps)",
+    )
     probe.add_argument("--relay", choices=["on", "off"], type=str.lower, help="also switch the relay")
     probe.add_argument("--timeout", type=float, default=5.0, help="seconds, default 5")
     probe.add_argument("--inverted", action="store_true", help="relay wired inverted (pout 0 = on)")
@@ -195,7 +201,7 @@ def _probe(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ConfigError(f"--host: {exc}") from None
     pout = None if args.relay is None else pout_for(Relay(args.relay.upper()), args.inverted)
-    client = MeterClient(url, args.id, args.pin, timeout=args.timeout)
+    client = MeterClient(url, args.id, _probe_pin(args.pin), timeout=args.timeout)
     try:
         snap = parse_body(client.fetch(pout))
     except MeterError as exc:
@@ -210,6 +216,20 @@ def _probe(args: argparse.Namespace) -> int:
     for key in snap.rejected:
         print(f"{key}: no numeric value (left out)")
     return 0
+
+
+def _probe_pin(given: str | None) -> str:
+    """--pin, else $SMARTMAC_PIN, else asked for: at a terminal without echo, else one line
+    of standard input (`smartmac-bridge probe ... < pinfile`)."""
+    pin = given if given is not None else os.environ.get("SMARTMAC_PIN")
+    if pin is None:
+        if sys.stdin.isatty():
+            pin = getpass.getpass("PIN (devpass) of the meter: ")
+        else:
+            pin = sys.stdin.readline().rstrip("\r\n")
+    if not pin:
+        raise ConfigError("--pin: no PIN given (use --pin, SMARTMAC_PIN or type it when asked)")
+    return pin
 
 
 if __name__ == "__main__":

@@ -201,13 +201,17 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None
 class Process:
     """`python -m bridge ...` with its output in files (a pipe could fill up and block it)."""
 
-    def __init__(self, tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, tmp_path: Path, *args: str, env: dict[str, str] | None = None, stdin: bytes = b""
+    ) -> None:
         self.stdout_path = tmp_path / "stdout.txt"
         self.stderr_path = tmp_path / "stderr.txt"
+        stdin_path = tmp_path / "stdin.txt"
+        stdin_path.write_bytes(stdin)  # never the test runner's own stdin: no process waits on it
         full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}
-        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
+        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err, open(stdin_path, "rb") as inp:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "bridge", *args], cwd=ROOT, env=full_env, stdout=out, stderr=err
+                [sys.executable, "-m", "bridge", *args], cwd=ROOT, env=full_env, stdin=inp, stdout=out, stderr=err
             )
 
     @property

@@ -180,6 +180,33 @@ def test_probe_wrong_pin_is_a_clear_error(
     assert "devid/PIN refused" in probe.stderr and wrong not in probe.stderr
 
 
+@pytest.mark.parametrize("how", ["environment", "stdin"])
+def test_probe_takes_the_pin_from_outside_argv(
+    tmp_path: Path, simulator: Callable[..., Simulator], processes: list[Process], how: str
+) -> None:
+    """argv is visible to every user in ps: the PIN can come from SMARTMAC_PIN or be typed."""
+    meter = SimMeter(devid="17", pin=PIN, phases=1)
+    sim = simulator([meter])
+    args = ("probe", "--host", f"{LOOPBACK}:{sim.port}", "--id", "17")
+    if how == "environment":
+        probe = Process(tmp_path, *args, env={"SMARTMAC_PIN": PIN})
+    else:
+        probe = Process(tmp_path, *args, stdin=f"{PIN}\n".encode())
+    processes.append(probe)
+    assert probe.proc.wait(10) == 0, probe.stderr
+    assert "meter 17 at" in probe.stdout and PIN not in probe.stdout + probe.stderr
+
+
+def test_probe_without_any_pin_is_a_config_error(
+    tmp_path: Path, processes: list[Process], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("SMARTMAC_PIN", raising=False)
+    probe = Process(tmp_path, "probe", "--host", f"{LOOPBACK}:1", "--id", "17")
+    processes.append(probe)
+    assert probe.proc.wait(10) == 2
+    assert "--pin: no PIN given" in probe.stderr
+
+
 def test_simulate_serves_and_lists_meters(tmp_path: Path, processes: list[Process]) -> None:
     port = free_port()
     sim = Process(tmp_path, "simulate", "--port", str(port), "--devices", "2", "--phases", "3", "--extended")
