@@ -39,6 +39,11 @@ class CommandError(SmartmacError):
 class MeterError(SmartmacError):
     """A request to a meter failed. The bridge retries at the next poll."""
 
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        """The HTTP status of the meter's answer, when the failure is one (429, 403, 500...)."""
+
 
 class MeterUnreachable(MeterError):
     """No answer: check the meter's power, Wi-Fi and `host`."""

@@ -342,11 +342,12 @@ def _status_error(label: str, status: int) -> MeterError:
     if status == 429:
         return MeterRateLimited(
             f"{label}: HTTP 429, asked too often (another client polling it, a"
-            " standard meter configured as extended, or a restart within its limit)"
+            " standard meter configured as extended, or a restart within its limit)",
+            status=status,
         )
     if status in (401, 403):
-        return MeterAuthError(f"{label}: HTTP {status}, devid/PIN refused")
-    return MeterHTTPError(f"{label}: HTTP {status}")
+        return MeterAuthError(f"{label}: HTTP {status}, devid/PIN refused", status=status)
+    return MeterHTTPError(f"{label}: HTTP {status}", status=status)
 
 
 def _literal(host: str, port: int) -> tuple[int, tuple[object, ...]] | None:

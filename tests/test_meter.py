@@ -56,18 +56,18 @@ def test_pout_switches(setup: tuple[Simulator, SimMeter]) -> None:
 
 
 @pytest.mark.parametrize(
-    ("fault", "error", "text"),
+    ("fault", "error", "text", "status"),
     [
-        ("refuse", MeterUnreachable, "connection closed without an answer"),
-        ("hang", MeterUnreachable, "no answer within 1 s"),
-        ("drip", MeterUnreachable, "not complete within 1 s"),
-        ("http500", MeterHTTPError, "HTTP 500"),
-        ("http429", MeterRateLimited, "HTTP 429"),
-        ("huge", BodyError, f"longer than {MAX_BODY} bytes"),
+        ("refuse", MeterUnreachable, "connection closed without an answer", None),
+        ("hang", MeterUnreachable, "no answer within 1 s", None),
+        ("drip", MeterUnreachable, "not complete within 1 s", None),
+        ("http500", MeterHTTPError, "HTTP 500", 500),
+        ("http429", MeterRateLimited, "HTTP 429", 429),
+        ("huge", BodyError, f"longer than {MAX_BODY} bytes", None),
     ],
 )
 def test_faults_are_meter_errors_without_the_pin(
-    setup: tuple[Simulator, SimMeter], fault: str, error: type[MeterError], text: str
+    setup: tuple[Simulator, SimMeter], fault: str, error: type[MeterError], text: str, status: int | None
 ) -> None:
     sim, meter = setup
     sim.set_fault(meter.devid, fault)
@@ -76,6 +76,7 @@ def test_faults_are_meter_errors_without_the_pin(
         client(sim, meter).fetch()
     assert time.monotonic() - began < 3  # bounded by the 1 s timeout, whatever the fault
     assert str(info.value).startswith(f"meter {meter.devid} at http://{LOOPBACK}:{sim.port}")
+    assert info.value.status == status  # the status is data: nothing parses it from the text
     assert_no_pin(info.value)
 
 
