@@ -13,6 +13,7 @@ thread per message, more than everything else a poll costs. See _RawPublisher.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import ssl
 import threading
@@ -272,8 +273,9 @@ class _RawPublisher:
     anyway, so a buffer of them goes through paho's own output queue (`_packet_queue`,
     the call publish() ends in) and is written in order with paho's other packets, by
     paho's thread, on the current connection only (paho clears that queue on reconnect).
-    `_packet_queue` is private: attach() returns None when a paho release lacks it, and
-    the link falls back to publish() per message.
+    `_packet_queue` is private: attach() returns None when a paho release lacks it or has
+    changed its signature, and the link falls back to publish() per message.
+    tests/test_mqtt_raw.py checks these bytes against paho's own encoding.
     """
 
     __slots__ = ("_queue", "_topics")
@@ -284,8 +286,19 @@ class _RawPublisher:
 
     @classmethod
     def attach(cls, client: paho.Client) -> _RawPublisher | None:
+        """The publisher, or None when this paho's `_packet_queue` is not the one we know
+        (gone, or another signature): the link then uses publish() for every message."""
         queue = getattr(client, "_packet_queue", None)
-        return cls(queue) if callable(queue) else None
+        if not callable(queue):
+            return None
+        try:
+            params = list(inspect.signature(queue).parameters)
+        except (TypeError, ValueError):
+            return None
+        if params != _QUEUE_PARAMETERS:
+            logger.debug("paho's _packet_queue%s is not known here: using publish()", params)
+            return None
+        return cls(queue)
 
     def publish_retained(self, messages: list[tuple[str, bytes]], *, cache: bool = True) -> None:
         """`cache`: keep the topics' encoded form (the state topics, sent every poll; not
@@ -312,6 +325,8 @@ class _RawPublisher:
         self._queue(paho.PUBLISH, b"".join(parts), 0, 0, paho.MQTTMessageInfo(0))
 
 
+#: paho 2.x: _packet_queue(command, packet, mid, qos, info=None), bound to the client.
+_QUEUE_PARAMETERS = ["command", "packet", "mid", "qos", "info"]
 _CHUNK_PARTS = 3 * 1000  # 1,000 messages (three parts each), some 50 KB
 _RETAINED_QOS0 = 0x31  # PUBLISH, DUP 0, QoS 0, RETAIN 1
 _SHORT_HEADERS = [bytes((_RETAINED_QOS0, n)) for n in range(128)]
