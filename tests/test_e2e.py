@@ -13,10 +13,27 @@ import pytest
 from paho.mqtt.client import topic_matches_sub
 from support import Rig, assert_rate_limit_kept, device
 
+from bridge.service import Bridge
 from bridge.simulator import SimMeter, make_fleet
 
 PIN_3 = "731902"
 PIN_1 = "582064"
+
+
+@pytest.fixture(params=[0, 1], ids=["qos0", "qos1"])
+def rig(request: pytest.FixtureRequest, rig: Rig) -> Rig:
+    """Every test here also runs once with `mqtt.qos: 1`, on mosquitto: that is paho's
+    publish() for every message (no one-buffer publish) and the dropped stale resends."""
+    qos = request.param
+    if qos == 1 and rig.broker.kind != "mosquitto":
+        pytest.skip("qos 1 runs once, against mosquitto")
+    bridge = rig.bridge
+
+    def with_qos(*args: object, **options: object) -> Bridge:
+        options.setdefault("qos", qos)
+        return bridge(*args, **options)
+
+    return Rig(rig.broker, rig.simulator, with_qos, rig.probe)
 
 
 @pytest.fixture
