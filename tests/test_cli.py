@@ -139,6 +139,11 @@ def test_demo_runs_on_embedded_defaults(tmp_path: Path, processes: list[Process]
         ("devices: [{id: '1', pin: 12, host: h}]", "devices.0.pin: must be a quoted string"),
         ("mqtt: {hots: x}", "mqtt.hots: unknown key"),
         ("", "no meters configured"),
+        # Topic settings a broker refuses: refused before anything starts (issue 12).
+        (r'mqtt: {base_topic: "smart\tmac"}', "mqtt.base_topic: must not contain"),
+        (r'homeassistant: {prefix: "ha\uFFFF"}', "homeassistant.prefix: must not contain"),
+        (r'devices: [{id: "1", pin: "x", host: h, topic: "gar\x07age"}]', "devices.0.topic: must be one topic level"),
+        (r'mqtt: {client_id: "bridge\x00"}', "mqtt.client_id: must not contain"),
     ],
 )
 def test_config_errors_exit_2_with_the_key(

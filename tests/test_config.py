@@ -137,6 +137,59 @@ def test_bad_values_name_the_key(tmp_path: Path, text: str, message: str) -> Non
     assert "'x'" not in str(info.value)  # the PIN given in these cases is never echoed
 
 
+# Topic settings a broker refuses (mosquitto refused every connection with a tab in the
+# base topic, and dropped the connection once a second for the others): each is refused at
+# load, naming the key, with the topic rule data keys get (topics.valid_level). "zq" marks
+# the value, which the message must not echo.
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        (r'mqtt: {base_topic: "zq\tzq"}', "mqtt.base_topic"),
+        (r'mqtt: {base_topic: "zq/\x7f"}', "mqtt.base_topic"),
+        (r'mqtt: {base_topic: "zq\x85zq"}', "mqtt.base_topic"),
+        (r'mqtt: {base_topic: "zq/\x00"}', "mqtt.base_topic"),
+        (r'mqtt: {base_topic: "zq/+"}', "mqtt.base_topic"),
+        (r'mqtt: {base_topic: "zq\uD800"}', "mqtt.base_topic"),
+        ("mqtt: {base_topic: " + "zq" * 129 + "}", "mqtt.base_topic"),
+        (r'homeassistant: {prefix: "zq\uFFFF"}', "homeassistant.prefix"),
+        (r'homeassistant: {prefix: "zq/\uFDD0"}', "homeassistant.prefix"),
+        (r'homeassistant: {prefix: "zq\U0001FFFE"}', "homeassistant.prefix"),
+        (r'devices: [{id: "1", pin: "x", host: h, topic: "zq\x1bzq"}]', "devices.0.topic"),
+        (r'devices: [{id: "1", pin: "x", host: h, topic: "zq\uFFFE"}]', "devices.0.topic"),
+        (r'devices: [{id: "1", pin: "x", host: h, topic: "zq#"}]', "devices.0.topic"),
+        ("devices: [{id: '1', pin: 'x', host: h, topic: " + "zq" * 129 + "}]", "devices.0.topic"),
+        (r'mqtt: {client_id: "zq\tzq"}', "mqtt.client_id"),
+        (r'mqtt: {client_id: "zq\x00"}', "mqtt.client_id"),
+        (r'mqtt: {client_id: "zq\x9f"}', "mqtt.client_id"),
+        (r'mqtt: {client_id: "zq\uFFFF"}', "mqtt.client_id"),
+        (r'mqtt: {client_id: "zq\uDC80"}', "mqtt.client_id"),
+        (r'mqtt: {client_id: "zq+"}', "mqtt.client_id"),
+        (r'mqtt: {client_id: "zq#"}', "mqtt.client_id"),
+        ("mqtt: {client_id: " + "zq" * 65 + "}", "mqtt.client_id"),
+    ],
+)
+def test_topic_settings_a_broker_refuses(tmp_path: Path, text: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"\n  {key}: ") as info:
+        load_settings(write(tmp_path, text))
+    assert "zq" not in str(info.value)
+
+
+def test_topic_settings_a_broker_accepts(tmp_path: Path) -> None:
+    # Spaces, '$' after the first level, non-ASCII letters and astral characters are fine.
+    text = "homeassistant: {prefix: 'ha/Zähler $1'}\nmqtt: {base_topic: 'b/\U0001F50C', client_id: 'a/b c'}\n"
+    settings = load_settings(write(tmp_path, text))
+    assert settings.homeassistant.prefix == "ha/Zähler $1"
+    assert (settings.mqtt.base_topic, settings.mqtt.client_id) == ("b/\U0001F50C", "a/b c")
+
+
+def test_a_lone_surrogate_from_the_environment_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A byte that is not UTF-8 in a variable reaches Python as a lone surrogate.
+    monkeypatch.setenv("SMARTMAC_MQTT__BASE_TOPIC", "zq\udcff")
+    with pytest.raises(ConfigError, match="mqtt.base_topic: must not contain") as info:
+        load_settings()
+    assert "zq" not in str(info.value)
+
+
 def test_secret_values_are_never_echoed(tmp_path: Path) -> None:
     text = f"devices: [{{id: '1', pin: '{PIN}', host: h, bogus: '{PIN}'}}]\nmqtt: {{password: [{PIN}]}}"
     with pytest.raises(ConfigError) as info:
