@@ -187,8 +187,9 @@ class DeviceSettings(_Model):
             # YAML turns 012345 into an octal number and 123456 into an int: either way the
             # digits the meter expects are gone, so insist on quotes rather than guess.
             raise ValueError('must be a quoted string, e.g. pin: "012345"')
-        if not value or any(c.isspace() or c in "&#?%" for c in value):
-            raise ValueError("must be non-empty, without spaces or '&#?%'")
+        # Any other character is fine: meter.py percent-encodes the PIN in the query.
+        if not value or refused_text(value):
+            raise ValueError(f"must be non-empty, without {_REFUSED}")
         return value
 
     @field_validator("host")
@@ -252,12 +253,17 @@ def base_url(host: str) -> str:
     parts = urlsplit(text)
     if parts.scheme != "http":
         raise ValueError("the meter speaks plain http only")
-    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+    # "@" and not parts.username: `http://:pw@host` has an empty user name.
+    if parts.path not in ("", "/") or parts.query or parts.fragment or "@" in parts.netloc:
         raise ValueError("give host or host:port only, no path, query or user")
+    bad_port = ValueError("port must be a number from 1 to 65535")
     try:
         port = parts.port
     except ValueError:
-        raise ValueError("port must be a number from 1 to 65535") from None
+        raise bad_port from None
+    # `host:0` and `host:` would otherwise silently mean port 80.
+    if port == 0 or parts.netloc.endswith(":"):
+        raise bad_port
     if not parts.hostname:
         raise ValueError("no host name")
     netloc = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
@@ -336,6 +342,10 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        # Where, not what: the bytes may be part of a PIN.
+        line = exc.object[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"config file {path} line {line}: not UTF-8 text") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -22,7 +22,7 @@ import os
 import selectors
 import socket
 import time
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from .errors import (
     BodyError,
@@ -62,7 +62,9 @@ class MeterClient:
         self.port = parts.port or 80
         self.timeout = timeout
         host_header = parts.netloc.encode("idna" if not parts.netloc.isascii() else "ascii")
-        query = f"/?page=getdata&devid={devid}&devpass={pin}"
+        # Percent-encoded (UTF-8), as a server decodes a query: a bare '+' reads as a
+        # space, '&' and '#' would end the value, '%' would start an escape.
+        query = f"/?page=getdata&devid={quote(devid, safe='')}&devpass={quote(pin, safe='')}"
         # HTTP/1.0: the answer is never chunked, and ends when the meter closes.
         self._requests = {
             pout: (

@@ -111,6 +111,13 @@ def test_empty_host_from_environment_means_embedded(monkeypatch: pytest.MonkeyPa
         ("devices: [{id: '1', pin: 'x', host: 'https://h'}]", "devices.0.host: the meter speaks plain http"),
         ("devices: [{id: '1', pin: 'x', host: 'h:99999'}]", "devices.0.host: port"),
         ("devices: [{id: '1', pin: 'x', host: 'h/path'}]", "devices.0.host"),
+        ("devices: [{id: '1', pin: 'x', host: '127.0.0.1:0'}]", "devices.0.host: port must be a number from 1 to 65535"),
+        ("devices: [{id: '1', pin: 'x', host: 'http://[::1]:0'}]", "devices.0.host: port must be"),
+        ("devices: [{id: '1', pin: 'x', host: 'h:'}]", "devices.0.host: port must be"),
+        ("devices: [{id: '1', pin: 'x', host: 'http://:pw@h'}]", "devices.0.host: give host or host:port only"),
+        ("devices: [{id: '1', pin: 'x', host: 'http://u@h'}]", "devices.0.host: give host or host:port only"),
+        ("devices: [{id: '1', pin: '', host: h}]", "devices.0.pin: must be non-empty"),
+        (r'devices: [{id: "1", pin: "x\ty", host: h}]', "devices.0.pin: must be non-empty, without control"),
         ("devices: [{id: '1', pin: 'x', host: h, timeout: 0}]", "devices.0.timeout"),
         ("devices: [{id: '1', pin: 'x', host: h, timeout: .nan}]", "devices.0.timeout"),
         ("devices: [{id: '1', pin: 'x', host: h, interval: .nan}]", "devices.0.interval"),
@@ -213,6 +220,19 @@ def test_bad_json_in_the_environment_is_a_config_error(monkeypatch: pytest.Monke
     with pytest.raises(ConfigError, match="devices") as info:
         load_settings()
     assert PIN not in str(info.value)
+
+
+def test_a_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_bytes(b"mqtt: {host: h}\ndevices: [{id: '1', pin: '\xe9t\xe9', host: h}]\n")
+    with pytest.raises(ConfigError, match=r"config\.yaml line 2: not UTF-8 text$"):
+        load_settings(path)
+
+
+def test_any_pin_text_is_accepted(tmp_path: Path) -> None:
+    # The PIN is percent-encoded into the query (meter.py), so '+&#%' and spaces are fine.
+    settings = load_settings(write(tmp_path, "devices: [{id: '1', pin: 'a+b&c#d%e f?', host: h}]"))
+    assert settings.devices[0].pin.get_secret_value() == "a+b&c#d%e f?"
 
 
 def test_missing_file(tmp_path: Path) -> None:

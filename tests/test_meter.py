@@ -97,6 +97,23 @@ def test_wrong_pin(setup: tuple[Simulator, SimMeter]) -> None:
     assert_no_pin(info.value, wrong)
 
 
+ODD_PIN = "a+b&c#d%e f"
+
+
+def test_the_devid_and_pin_are_percent_encoded(simulator: Callable[..., Simulator]) -> None:
+    # The simulator decodes the query as servers do (parse_qs: '+' is a space, '%XX' an
+    # escape, '&' a separator); unencoded, this PIN could never match.
+    meter = SimMeter(devid="17", pin=ODD_PIN, phases=1)
+    sim = simulator([meter], tolerance=60.0)
+    assert parse_body(MeterClient(sim.url(), "17", ODD_PIN, timeout=1).fetch()).devid == "17"
+    wrong = ODD_PIN.replace(" ", "+")  # what the meter heard before: a different PIN
+    with pytest.raises(MeterAuthError) as info:
+        MeterClient(sim.url(), "17", wrong, timeout=1).fetch()
+    assert_no_pin(info.value, wrong)
+    assert "a%2Bb" not in str(info.value)  # nor its encoded form
+    assert (meter.ok, meter.bad_pin) == (1, 1)
+
+
 def test_real_rate_limit(simulator: Callable[..., Simulator]) -> None:
     meter = SimMeter(devid="17", pin=PIN, phases=1, extended=False)
     sim = simulator([meter])
