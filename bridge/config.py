@@ -100,8 +100,9 @@ class MqttSettings(_Model):
     @field_validator("client_id")
     @classmethod
     def _client_id(cls, client_id: str) -> str:
-        # The broker refuses such an id at CONNECT (mosquitto answers with a bare
-        # disconnect), and '+' or '#' would be wildcards in ACL patterns that use %c.
+        # mosquitto 2.0 drops a CONNECT whose id has such a character ("protocol error",
+        # checked); it accepts '+' and '#', but they would be wildcards in ACL patterns
+        # that use %c, so they are refused too.
         if "+" in client_id or "#" in client_id or refused_text(client_id):
             raise ValueError(f"must not contain '+', '#', {_REFUSED}")
         return client_id
