@@ -8,7 +8,6 @@ may be a PIN or a password.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -32,6 +31,7 @@ from pydantic_settings import (
 )
 
 from .errors import ConfigError
+from .topics import MAX_LEVEL, refused_text, valid_level
 
 ENV_PREFIX = "SMARTMAC_"
 CONFIG_ENV = "SMARTMAC_CONFIG"
@@ -43,7 +43,8 @@ EXTENDED_MIN_GAP = 6.0
 #: The topic segment the bridge keeps for itself (B/bridge/availability, B/bridge/info).
 RESERVED_SEGMENT = "bridge"
 
-_TOPIC_FORBIDDEN = re.compile(r"[+#\x00]")
+#: What the topic rule (topics.valid_level) refuses besides separators and wildcards.
+_REFUSED = "control characters, Unicode non-characters or lone surrogates"
 
 
 def min_gap(extended: bool) -> float:
@@ -96,6 +97,16 @@ class MqttSettings(_Model):
         # SMARTMAC_MQTT__HOST= (empty) reads as "no broker configured".
         return host.strip() or None if host is not None else None
 
+    @field_validator("client_id")
+    @classmethod
+    def _client_id(cls, client_id: str) -> str:
+        # mosquitto 2.0 drops a CONNECT whose id has such a character ("protocol error",
+        # checked); it accepts '+' and '#', but they would be wildcards in ACL patterns
+        # that use %c, so they are refused too.
+        if "+" in client_id or "#" in client_id or refused_text(client_id):
+            raise ValueError(f"must not contain '+', '#', {_REFUSED}")
+        return client_id
+
     @field_validator("base_topic")
     @classmethod
     def _topic_prefix(cls, base: str) -> str:
@@ -106,8 +117,12 @@ def topic_prefix(base: str) -> str:
     """Check a topic prefix (one or more levels); raises ValueError with the reason."""
     if not base or base.startswith("/") or base.endswith("/") or "//" in base:
         raise ValueError("must be non-empty, without leading, trailing or double '/'")
-    if _TOPIC_FORBIDDEN.search(base) or base.startswith("$"):
-        raise ValueError("must not contain '+', '#' or start with '$'")
+    if len(base) > MAX_LEVEL:
+        raise ValueError(f"must be at most {MAX_LEVEL} characters")
+    # Each level gets the rule data keys get: a broker drops a client that publishes to
+    # (or subscribes to) a topic with a refused character, at every reconnect again.
+    if base.startswith("$") or not all(valid_level(level) for level in base.split("/")):
+        raise ValueError(f"must not contain '+', '#', {_REFUSED}, nor start with '$'")
     return base
 
 
@@ -173,8 +188,9 @@ class DeviceSettings(_Model):
             # YAML turns 012345 into an octal number and 123456 into an int: either way the
             # digits the meter expects are gone, so insist on quotes rather than guess.
             raise ValueError('must be a quoted string, e.g. pin: "012345"')
-        if not value or any(c.isspace() or c in "&#?%" for c in value):
-            raise ValueError("must be non-empty, without spaces or '&#?%'")
+        # Any other character is fine: meter.py percent-encodes the PIN in the query.
+        if not value or refused_text(value):
+            raise ValueError(f"must be non-empty, without {_REFUSED}")
         return value
 
     @field_validator("host")
@@ -188,8 +204,11 @@ class DeviceSettings(_Model):
     def _segment(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        if not value or "/" in value or _TOPIC_FORBIDDEN.search(value):
-            raise ValueError("must be one non-empty topic level without '/', '+' or '#'")
+        if not valid_level(value):
+            raise ValueError(
+                f"must be one topic level of 1 to {MAX_LEVEL} characters, without '/', '+',"
+                f" '#', {_REFUSED}"
+            )
         if value == RESERVED_SEGMENT:
             raise ValueError(f"'{RESERVED_SEGMENT}' is reserved for the bridge's own topics")
         return value
@@ -235,12 +254,17 @@ def base_url(host: str) -> str:
     parts = urlsplit(text)
     if parts.scheme != "http":
         raise ValueError("the meter speaks plain http only")
-    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+    # "@" and not parts.username: `http://:pw@host` has an empty user name.
+    if parts.path not in ("", "/") or parts.query or parts.fragment or "@" in parts.netloc:
         raise ValueError("give host or host:port only, no path, query or user")
+    bad_port = ValueError("port must be a number from 1 to 65535")
     try:
         port = parts.port
     except ValueError:
-        raise ValueError("port must be a number from 1 to 65535") from None
+        raise bad_port from None
+    # `host:0` and `host:` would otherwise silently mean port 80.
+    if port == 0 or parts.netloc.endswith(":"):
+        raise bad_port
     if not parts.hostname:
         raise ValueError("no host name")
     netloc = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
@@ -319,6 +343,10 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        # Where, not what: the bytes may be part of a PIN.
+        line = exc.object[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"config file {path} line {line}: not UTF-8 text") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -22,7 +22,7 @@ import os
 import selectors
 import socket
 import time
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from .errors import (
     BodyError,
@@ -50,6 +50,7 @@ class MeterClient:
 
     __slots__ = (
         "label", "host", "port", "timeout", "_requests", "_addresses", "_current", "_resolved_at",
+        "_working",
     )
 
     def __init__(self, url: str, devid: str, pin: str, *, timeout: float = 5.0) -> None:
@@ -61,7 +62,9 @@ class MeterClient:
         self.port = parts.port or 80
         self.timeout = timeout
         host_header = parts.netloc.encode("idna" if not parts.netloc.isascii() else "ascii")
-        query = f"/?page=getdata&devid={devid}&devpass={pin}"
+        # Percent-encoded (UTF-8), as a server decodes a query: a bare '+' reads as a
+        # space, '&' and '#' would end the value, '%' would start an escape.
+        query = f"/?page=getdata&devid={quote(devid, safe='')}&devpass={quote(pin, safe='')}"
         # HTTP/1.0: the answer is never chunked, and ends when the meter closes.
         self._requests = {
             pout: (
@@ -74,6 +77,8 @@ class MeterClient:
         self._addresses: list[tuple[int, tuple[object, ...]]] = [literal] if literal else []
         self._current = 0
         self._resolved_at = float("inf") if literal else float("-inf")
+        #: The address the meter last answered on; None after a failure.
+        self._working: tuple[int, tuple[object, ...]] | None = None
 
     # -- addresses ------------------------------------------------------------------------
 
@@ -83,8 +88,12 @@ class MeterClient:
             return None
         return self._addresses[self._current]
 
-    def resolve(self) -> MeterError | None:
-        """Look the host name up (blocking: call it off the event loop). None on success."""
+    def resolve(self, now: float | None = None) -> MeterError | None:
+        """Look the host name up (blocking: call it off the event loop). None on success.
+
+        The address that last worked is kept while the name still resolves to it: going
+        back to the first (::1, say, with a meter on IPv4 only) would cost a failed poll
+        and a warning at every lookup. `now`: the time of the lookup (default: the clock)."""
         try:
             infos = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
         except (OSError, UnicodeError) as exc:
@@ -95,14 +104,17 @@ class MeterClient:
                 addresses.append((family, sockaddr))
         if not addresses:
             return MeterUnreachable(f"{self.label}: cannot resolve host (no address)")
-        self._addresses, self._current = addresses, 0
-        self._resolved_at = time.monotonic()
+        working = self._working
+        self._addresses = addresses
+        self._current = addresses.index(working) if working in addresses else 0
+        self._resolved_at = time.monotonic() if now is None else now
         return None
 
     def forget_address(self) -> None:
         """After a failure: try the name's next address, or, after the last, look it up
         again (the meter may have a new one). `localhost` gives ::1 first, say, and a
         dual-stack name an IPv6 address that an IPv4-only meter does not answer on."""
+        self._working = None
         if self._resolved_at == float("inf"):
             return  # an IP address: nothing else to try
         if self._current + 1 < len(self._addresses):
@@ -144,7 +156,7 @@ class Exchange:
 
     __slots__ = (
         "client", "deadline", "done", "_request", "_sock", "_selector", "_buf", "_error",
-        "_length", "_head_end", "_writing", "_tag",
+        "_length", "_head_end", "_writing", "_tag", "_address",
     )
 
     def __init__(self, client: MeterClient, request: bytes, deadline: float) -> None:
@@ -160,6 +172,7 @@ class Exchange:
         self._length: int | None = None
         self._writing = True
         self._tag: object = None
+        self._address: tuple[int, tuple[object, ...]] | None = None
 
     def begin(self, selector: selectors.BaseSelector, now: float, tag: object = None) -> None:
         """Start connecting; the socket is registered with `tag` as its data (default: self)."""
@@ -167,6 +180,7 @@ class Exchange:
         if address is None:
             self._fail(MeterUnreachable(f"{self.client.label}: host name not resolved"))
             return
+        self._address = address
         family, sockaddr = address
         try:
             sock = socket.socket(family, socket.SOCK_STREAM)
@@ -199,6 +213,8 @@ class Exchange:
             if code:
                 self._fail(MeterUnreachable(f"{self.client.label}: {os.strerror(code)}"))
                 return
+            # Connected: the meter listens here (a later failure forgets it again).
+            self.client._working = self._address
             try:
                 sent = sock.send(self._request)
             except BlockingIOError:

@@ -20,8 +20,9 @@ OFFLINE = b"offline"
 # Sub-topics of a meter that a data key must not shadow (B/D/<key> would land on them).
 _RESERVED_KEYS = frozenset({"state", "relay", "availability"})
 _MAX_COMMAND = 256
-# No real key comes near this; MQTT caps a whole topic at 65535 bytes.
-_MAX_KEY = 256
+#: The longest topic level (a data key, a meter's segment): no real key comes near this,
+#: and with it base + segment + key stay far below MQTT's 65535 bytes per topic.
+MAX_LEVEL = 256
 
 
 class Relay(str, Enum):
@@ -51,17 +52,28 @@ def pout_for(relay: Relay, inverted: bool) -> int:
 def valid_key(key: str) -> bool:
     """Can this data key be its own topic level under B/D/?
 
-    Not a sub-topic of the meter, no level separator or wildcard, and nothing a broker
-    refuses in a topic: mosquitto drops the connection of a client that publishes a
-    control character or a non-character (MQTT 3.1.1 section 1.5.3), and a lone
-    surrogate cannot be encoded at all. One such key in a firmware's answer would
-    otherwise cost the whole connection, again at every reconnect's replay."""
+    A valid topic level (see valid_level) that is not a sub-topic of the meter."""
+    return key not in _RESERVED_KEYS and valid_level(key)
+
+
+def valid_level(level: str) -> bool:
+    """Is this one topic level a broker accepts, in a topic name we publish to?
+
+    No level separator or wildcard, and nothing a broker refuses in a topic: mosquitto
+    drops the connection of a client that publishes a control character or a
+    non-character (MQTT 3.1.1 section 1.5.3), and a lone surrogate cannot be encoded at
+    all. One such key in a firmware's answer would otherwise cost the whole connection,
+    again at every reconnect's replay; the configured topic settings get the same rule."""
     return (
-        bool(key)
-        and len(key) <= _MAX_KEY
-        and key not in _RESERVED_KEYS
-        and not any(c in "/+#" or _refused(ord(c)) for c in key)
+        bool(level)
+        and len(level) <= MAX_LEVEL
+        and not any(c in "/+#" or _refused(ord(c)) for c in level)
     )
+
+
+def refused_text(text: str) -> bool:
+    """Does the text hold a character a broker refuses in any MQTT string (a client id)?"""
+    return any(_refused(ord(c)) for c in text)
 
 
 def _refused(code: int) -> bool:

@@ -139,6 +139,13 @@ def test_demo_runs_on_embedded_defaults(tmp_path: Path, processes: list[Process]
         ("devices: [{id: '1', pin: 12, host: h}]", "devices.0.pin: must be a quoted string"),
         ("mqtt: {hots: x}", "mqtt.hots: unknown key"),
         ("", "no meters configured"),
+        # Topic settings a broker refuses: refused before anything starts (issue 12).
+        (r'mqtt: {base_topic: "smart\tmac"}', "mqtt.base_topic: must not contain"),
+        (r'homeassistant: {prefix: "ha\uFFFF"}', "homeassistant.prefix: must not contain"),
+        (r'devices: [{id: "1", pin: "x", host: h, topic: "gar\x07age"}]', "devices.0.topic: must be one topic level"),
+        (r'mqtt: {client_id: "bridge\x00"}', "mqtt.client_id: must not contain"),
+        ("devices: [{id: '1', pin: 'x', host: '127.0.0.1:0'}]", "devices.0.host: port must be a number from 1 to 65535"),
+        ("devices: [{id: '1', pin: 'x', host: 'http://:pw@h'}]", "devices.0.host: give host or host:port only"),
     ],
 )
 def test_config_errors_exit_2_with_the_key(
@@ -148,6 +155,51 @@ def test_config_errors_exit_2_with_the_key(
     processes.append(process)
     assert process.proc.wait(10) == 2
     assert message in process.stderr and "Traceback" not in process.stderr
+
+
+def test_a_config_file_that_is_not_utf8_exits_2(tmp_path: Path, processes: list[Process]) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_bytes(b"devices: [{id: '1', pin: '\xe9t\xe9', host: h}]\n")  # latin-1
+    process = Process(tmp_path, "run", "--config", str(path))
+    processes.append(process)
+    assert process.proc.wait(10) == 2
+    assert "line 1: not UTF-8 text" in process.stderr and "Traceback" not in process.stderr
+
+
+# '+' reads as a space in a query, '&' and '#' end the value, '%' starts an escape: only
+# percent-encoded does this PIN reach the simulator (which decodes with parse_qs) intact.
+ODD_PIN = "a+b&c#d%e f"
+
+
+def test_run_and_probe_with_a_pin_that_needs_encoding(
+    tmp_path: Path, rig: Rig, processes: list[Process]
+) -> None:
+    meter = SimMeter(devid="17", pin=ODD_PIN, phases=1, extended=True)
+    sim = rig.simulator([meter], tolerance=6.0)
+    probe = Process(tmp_path, "probe", "--host", f"{LOOPBACK}:{sim.port}", "--id", "17", "--pin", ODD_PIN)
+    processes.append(probe)
+    assert probe.proc.wait(10) == 0, probe.stderr
+    assert any(line.startswith("V1") for line in probe.stdout.splitlines())
+
+    config = write_config(
+        tmp_path,
+        f"""
+mqtt: {{host: {LOOPBACK}, port: {rig.broker.port}, client_id: cli-odd-pin}}
+devices:
+  - {{id: "17", pin: "{ODD_PIN}", host: "{LOOPBACK}:{sim.port}", extended: true}}
+""",
+    )
+    messages = rig.probe("smartmac/#")
+    bridge = Process(tmp_path, "run", "--config", str(config), "--log-level", "debug")
+    processes.append(bridge)
+    messages.wait_for("smartmac/17/state")
+    messages.wait_for("smartmac/17/availability", lambda m: m.payload == b"online")
+    assert bridge.terminate() == 0
+    assert meter.bad_pin == 0 and meter.ok == 2
+    encoded = urllib.parse.quote(ODD_PIN, safe="")
+    for text in (ODD_PIN, encoded):
+        assert text not in bridge.stderr + bridge.stdout + probe.stderr + probe.stdout
+        assert all(text.encode() not in m.payload for m in messages.messages)
 
 
 def test_probe_prints_a_table(

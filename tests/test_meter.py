@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import selectors
 import socket
 import threading
 import time
@@ -19,7 +20,7 @@ from bridge.errors import (
     MeterRateLimited,
     MeterUnreachable,
 )
-from bridge.meter import MAX_BODY, MeterClient
+from bridge.meter import MAX_BODY, RESOLVE_TTL, MeterClient
 from bridge.readings import parse_body
 from bridge.simulator import SimMeter, Simulator
 
@@ -95,6 +96,23 @@ def test_wrong_pin(setup: tuple[Simulator, SimMeter]) -> None:
     with pytest.raises(MeterAuthError, match="devid/PIN refused") as info:
         client(sim, meter, pin=wrong).fetch()
     assert_no_pin(info.value, wrong)
+
+
+ODD_PIN = "a+b&c#d%e f"
+
+
+def test_the_devid_and_pin_are_percent_encoded(simulator: Callable[..., Simulator]) -> None:
+    # The simulator decodes the query as servers do (parse_qs: '+' is a space, '%XX' an
+    # escape, '&' a separator); unencoded, this PIN could never match.
+    meter = SimMeter(devid="17", pin=ODD_PIN, phases=1)
+    sim = simulator([meter], tolerance=60.0)
+    assert parse_body(MeterClient(sim.url(), "17", ODD_PIN, timeout=1).fetch()).devid == "17"
+    wrong = ODD_PIN.replace(" ", "+")  # what the meter heard before: a different PIN
+    with pytest.raises(MeterAuthError) as info:
+        MeterClient(sim.url(), "17", wrong, timeout=1).fetch()
+    assert_no_pin(info.value, wrong)
+    assert "a%2Bb" not in str(info.value)  # nor its encoded form
+    assert (meter.ok, meter.bad_pin) == (1, 1)
 
 
 def test_real_rate_limit(simulator: Callable[..., Simulator]) -> None:
@@ -182,3 +200,57 @@ def test_a_scoped_ipv6_address_without_its_interface_is_a_meter_error() -> None:
     with pytest.raises(MeterUnreachable) as info:
         c.fetch()
     assert_no_pin(info.value)
+
+
+def _exchange(c: MeterClient, now: float) -> bytes:
+    """One request at the hand-moved time `now`, driven on a private selector."""
+    exchange = c.exchange(None, now)
+    with selectors.DefaultSelector() as selector:
+        exchange.begin(selector, now)
+        while not exchange.done:
+            events = selector.select(2)
+            assert events, "the exchange made no progress"
+            for _key, mask in events:
+                exchange.on_event(mask)
+    return exchange.result()
+
+
+def test_re_resolution_keeps_the_address_that_worked(
+    setup: tuple[Simulator, SimMeter], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A dual-stack name whose first address is ::1, the meter on 127.0.0.1 only. This
+    # machine's localhost may give 127.0.0.1 alone, so the lookup's answer is injected at
+    # the resolver; the requests are real HTTP to the simulator.
+    sim, meter = setup
+    name = "dual-stack.meter.test"
+    answer = [(socket.AF_INET6, ("::1", sim.port, 0, 0)), (socket.AF_INET, (LOOPBACK, sim.port))]
+    real = socket.getaddrinfo
+
+    def resolver(host: object, *args: object, **kwargs: object) -> list[tuple[object, ...]]:
+        if host != name:
+            return real(host, *args, **kwargs)  # type: ignore[arg-type]
+        return [(family, socket.SOCK_STREAM, 6, "", sockaddr) for family, sockaddr in answer]
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolver)
+    c = MeterClient(f"http://{name}:{sim.port}", meter.devid, PIN, timeout=1)
+    now = 1000.0
+    assert c.address(now) is None and c.resolve(now) is None
+    with pytest.raises(MeterUnreachable):
+        _exchange(c, now)  # ::1: nobody listens there
+    c.forget_address()
+    assert parse_body(_exchange(c, now)).devid == meter.devid
+    assert meter.ok == 1
+
+    now += RESOLVE_TTL + 1
+    assert c.address(now) is None  # the name is looked up again...
+    assert c.resolve(now) is None
+    assert c.address(now) == answer[1]  # ...and the working address kept
+    assert parse_body(_exchange(c, now)).devid == meter.devid  # no failed request first
+    assert (meter.requests, meter.ok) == (2, 2)
+
+    # Once the name no longer resolves to it, the first address is tried again.
+    answer.pop()
+    now += RESOLVE_TTL + 1
+    assert c.address(now) is None and c.resolve(now) is None
+    assert c.address(now) == answer[0]
+

@@ -93,6 +93,16 @@ def first(sim: Simulator) -> SimMeter:
     return next(iter(sim.meters.values()))
 
 
+def test_the_query_is_decoded_the_standard_way(make_sim: Callable[..., Simulator]) -> None:
+    # requests encodes params as browsers do; parse_qs on the server side decodes them.
+    pin = "a+b&c#d%e f"
+    sim = make_sim([SimMeter(devid="17", pin=pin)], tolerance=60.0)
+    m = first(sim)
+    assert get(sim, m).status_code == 200
+    raw = f"{sim.url()}/?page=getdata&devid=17&devpass={pin}"  # unencoded: not that PIN
+    assert requests.get(raw, timeout=TIMEOUT).status_code == 403
+
+
 # --- body shape -----------------------------------------------------------------------
 
 
