@@ -45,11 +45,12 @@ FAULTS: Final = (
     "clean_json",
     "drop_wh",
     "pout_error",
+    "odd_numbers",
 )
 
 # Faults that still produce a real reading: they go through the PIN and rate-limit
 # checks and count as accepted. Every other fault replaces the answer outright.
-_GOOD_FAULTS: Final = frozenset({"ok", "clean_json", "nonnumeric", "drop_wh", "pout_error"})
+_GOOD_FAULTS: Final = frozenset({"ok", "clean_json", "nonnumeric", "drop_wh", "pout_error", "odd_numbers"})
 
 STANDARD_INTERVAL: Final = 60.0  # seconds between accepted requests (vendor page)
 EXTENDED_INTERVAL: Final = 6.0
@@ -230,6 +231,7 @@ _TEMPLATES: Final = {
     for ext in (False, True)
     for br in (_RAW_NL, _ESC_NL)
 }
+_RAW: Final = "\x00%s\x00"  # odd_numbers: a value sent as a JSON number, not a string
 _NO_DATA: Final = '{"devid":"%s","time":"%s","pout":"%s"}'
 
 
@@ -252,8 +254,19 @@ def _render(m: SimMeter, fault: str) -> bytes:
     if fault == "nonnumeric":
         vals[3] = ""  # V1
         vals[4] = "n/a"  # A1
+    elif fault == "odd_numbers":
+        # Values the bridge must leave out (issue 12): an underflow, Arabic-Indic digits, a
+        # 4,000-digit JSON number, an overflowing one; and PF1 as a good JSON number.
+        vals[3] = "1e-400"  # V1
+        vals[4] = "\u0661\u0662"  # A1
+        vals[5] = _RAW % ("9" * 4000)  # W1
+        vals[-2] = _RAW % vals[-2]  # PF of the last phase
+        vals[-1] = _RAW % "1e999"  # T
     br = _ESC_NL if fault == "clean_json" else _RAW_NL
-    return (_TEMPLATES[(m.phases, m.extended, br)] % tuple(vals)).encode()
+    body = _TEMPLATES[(m.phases, m.extended, br)] % tuple(vals)
+    if fault == "odd_numbers":
+        body = body.replace('"\x00', "").replace('\x00"', "")
+    return body.encode()
 
 
 def _head(code: int, ctype: str, length: int | None) -> bytes:
