@@ -46,11 +46,14 @@ FAULTS: Final = (
     "drop_wh",
     "pout_error",
     "odd_numbers",
+    "odd_labels",
 )
 
 # Faults that still produce a real reading: they go through the PIN and rate-limit
 # checks and count as accepted. Every other fault replaces the answer outright.
-_GOOD_FAULTS: Final = frozenset({"ok", "clean_json", "nonnumeric", "drop_wh", "pout_error", "odd_numbers"})
+_GOOD_FAULTS: Final = frozenset(
+    {"ok", "clean_json", "nonnumeric", "drop_wh", "pout_error", "odd_numbers", "odd_labels"}
+)
 
 STANDARD_INTERVAL: Final = 60.0  # seconds between accepted requests (vendor page)
 EXTENDED_INTERVAL: Final = 6.0
@@ -266,6 +269,11 @@ def _render(m: SimMeter, fault: str) -> bytes:
     body = _TEMPLATES[(m.phases, m.extended, br)] % tuple(vals)
     if fault == "odd_numbers":
         body = body.replace('"\x00', "").replace('\x00"', "")
+    elif fault == "odd_labels":
+        # Home Assistant discovery's edge cases (issue 12): a label with control characters,
+        # a lone surrogate and 100 characters; a second counter wh1 beside Wh1.
+        body = body.replace('"name":"Voltage 1"', '"name":"Voltage\\u0007\\n1 \\ud800%s"' % ("x" * 100), 1)
+        body = body.replace('"T":{', '"wh1":{"name":"Energy 1 again","unit":"Wh","value":"%d"},"T":{' % m._wh[0], 1)
     return body.encode()
 
 

@@ -426,6 +426,16 @@ def test_fault_odd_numbers(make_sim: Callable[..., Simulator]) -> None:
     assert get(sim, m).status_code == 429  # a good answer: the rate limit applies
 
 
+def test_fault_odd_labels(make_sim: Callable[..., Simulator]) -> None:
+    sim = make_sim(make_fleet(1))
+    m = first(sim)
+    sim.set_fault(m.devid, "odd_labels")
+    data = json.loads(get(sim, m).text, strict=False)["data"]
+    assert data["V1"]["name"] == "Voltage\x07\n1 \ud800" + "x" * 100
+    assert data["wh1"]["value"] == data["Wh1"]["value"] and list(data)[-1] == "T"
+    assert get(sim, m).status_code == 429  # a good answer: the rate limit applies
+
+
 def test_fault_clean_json(make_sim: Callable[..., Simulator]) -> None:
     sim = make_sim(make_fleet(1, phases=3, extended=True))
     m = first(sim)
@@ -486,6 +496,7 @@ def test_every_fault_is_covered() -> None:
     covered = {
         "ok", "refuse", "hang", "drip", "drip_head", "cut_head", "http500", "http429", "html", "truncated",
         "no_data", "nonnumeric", "huge", "clean_json", "drop_wh", "pout_error", "odd_numbers",
+        "odd_labels",
     }  # fmt: skip
     assert set(FAULTS) == covered
 
