@@ -172,9 +172,10 @@ def serve(settings: Settings, devices: Sequence[DeviceSettings]) -> int:
     host, port = _broker_address(settings)
     if settings.mqtt.host is None:
         from .broker import EmbeddedBroker
+        from .mqtt import host_port
 
         broker = EmbeddedBroker(host, port).start()
-        logger.info("no mqtt.host configured: using the embedded broker on %s:%d", host, port)
+        logger.info("no mqtt.host configured: using the embedded broker on %s", host_port(host, port))
     try:
         bridge = build_bridge(settings, devices, host=host, port=port)
         bridge.start()

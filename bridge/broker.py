@@ -29,6 +29,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from bridge.errors import BrokerError
+from bridge.mqtt import host_port
 
 if TYPE_CHECKING:
     # Imported where used instead: most users run an external broker and should not pay
@@ -124,7 +125,7 @@ class EmbeddedBroker:
             self._loop.call_soon_threadsafe(self._cancel_serve)
             self.stop()
             raise BrokerError(
-                f"cannot listen on {self.host}:{self.port}: "
+                f"cannot listen on {host_port(self.host, self.port)}: "
                 f"the embedded broker did not start within {timeout:g} s"
             )
         if self._error is not None:
@@ -132,7 +133,7 @@ class EmbeddedBroker:
             self.stop()
             raise BrokerError(_describe(self.host, self.port, error)) from error
 
-        logger.info("embedded MQTT broker listening on %s:%d", self.host, self.port)
+        logger.info("embedded MQTT broker listening on %s", host_port(self.host, self.port))
         logger.debug("embedded MQTT broker started in %.3f s", time.perf_counter() - began)
         return self
 
@@ -313,5 +314,5 @@ def _describe(host: str, port: int, error: BaseException) -> str:
             reason = "address already in use"
         else:
             reason = (cause.strerror or str(cause)).lower()
-        return f"cannot listen on {host}:{port}: {reason}"
-    return f"embedded MQTT broker on {host}:{port} failed to start: {error}"
+        return f"cannot listen on {host_port(host, port)}: {reason}"
+    return f"embedded MQTT broker on {host_port(host, port)} failed to start: {error}"

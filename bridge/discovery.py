@@ -176,6 +176,45 @@ def _object_id(devid: str, key: str) -> str:
     return f"smartmac_{devid}_{slug}" if slug else f"smartmac_{devid}"
 
 
+def object_ids(devid: str, keys: Iterable[str]) -> dict[str, str]:
+    """The object id of every key of one meter, all distinct.
+
+    `Wh1` and `wh1` (or `a-b` and `a_b`) slug to the same id. Of such a group, the key that
+    sorts first (by code point: `Wh1` before `wh1`) keeps the plain id, so nothing changes
+    where there is no collision; the others get `_2`, `_3`, ... in that order, skipping any
+    id another key already has (HA's own way with a taken entity id)."""
+    unique = sorted(set(keys))
+    plain = {key: _object_id(devid, key) for key in unique}
+    ids: dict[str, str] = {}
+    for key in unique:
+        ids.setdefault(plain[key], key)  # the first key of each plain id keeps it
+    taken = set(ids)  # every plain id, before any suffix: a suffix never takes one
+    result = {key: object_id for object_id, key in ids.items()}
+    for key in unique:
+        if key in result:
+            continue
+        n = 2
+        while f"{plain[key]}_{n}" in taken:
+            n += 1
+        result[key] = f"{plain[key]}_{n}"
+        taken.add(result[key])
+    return result
+
+
+_MAX_LABEL = 64
+# C0, DEL and C1 controls, and lone surrogates (a JSON \ud800 escape): each run, with the
+# spaces around it, becomes one space.
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]+")
+
+
+def clean_label(text: str) -> str:
+    """A meter's label as HA shows it: no control characters, at most 64 characters.
+
+    Labels go into the discovery payload as sent; a newline or tab would show in HA's UI, a
+    lone surrogate cannot be encoded at all, and nothing bounds a firmware's label."""
+    return " ".join(_UNPRINTABLE.sub(" ", text).split())[:_MAX_LABEL].rstrip()
+
+
 @dataclass(frozen=True, slots=True)
 class Discovery:
     """Discovery messages under `prefix` for meters whose topics live under `base`."""
@@ -206,10 +245,11 @@ class Discovery:
         """Every retained config of one meter: a sensor per announced key, then the switch."""
         readings = list(readings)
         shared = self._shared(device, (r.key for r in readings))
+        ids = object_ids(device.devid, (r.key for r in readings if announced(r.key)))
         for reading in readings:
             if announced(reading.key):
                 yield self.sensor_topic(device.devid, reading.key), self._sensor(
-                    device, reading, shared
+                    device, reading, shared, ids[reading.key]
                 )
         yield self.relay_topic(device.devid), self._relay(device, shared)
 
@@ -284,12 +324,12 @@ class Discovery:
             "origin": {"name": ORIGIN_NAME, "sw_version": self.version},
         }
 
-    def _sensor(self, device: DeviceInfo, reading: KeyInfo, shared: dict[str, object]) -> bytes:
-        cls, unit = sensor_class(reading.key, reading.unit)
+    def _sensor(self, device: DeviceInfo, reading: KeyInfo, shared: dict[str, object], object_id: str) -> bytes:
+        cls, unit = sensor_class(reading.key, clean_label(reading.unit))
         config: dict[str, object] = {
-            "name": reading.name or reading.key,
+            "name": clean_label(reading.name) or reading.key,
             "unique_id": f"smartmac_{device.devid}_{reading.key}",
-            "default_entity_id": "sensor." + _object_id(device.devid, reading.key),
+            "default_entity_id": "sensor." + object_id,
             "state_topic": f"{self.base}/{device.segment}/{reading.key}",
         }
         if cls is not None:

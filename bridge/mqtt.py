@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
 from .config import MqttSettings
@@ -30,6 +31,13 @@ logger = logging.getLogger(__name__)
 
 #: (topic, payload, retain flag) of every message on a subscribed topic.
 MessageHandler = Callable[[str, bytes, bool], None]
+
+_KEEPALIVE = 30  # seconds; paho also waits this long for the CONNACK
+
+
+def host_port(host: str, port: int) -> str:
+    """`host:port` as a user writes it: `[::1]:1883` for an IPv6 address, not `::1:1883`."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class MqttLink:
@@ -45,8 +53,10 @@ class MqttLink:
         subscriptions: list[str],
         on_message: MessageHandler,
         on_connect: Callable[[], None] | None = None,
+        keepalive: int = _KEEPALIVE,
     ) -> None:
-        self.broker = f"{host}:{port}"
+        self.broker = host_port(host, port)
+        self._keepalive = keepalive
         self._host = host
         self._port = port
         self._qos = settings.qos
@@ -99,7 +109,7 @@ class MqttLink:
     def start(self) -> None:
         """Connect in the background; paho keeps retrying until stop()."""
         logger.info("connecting to MQTT broker %s", self.broker)
-        self._client.connect_async(self._host, self._port, keepalive=30)
+        self._client.connect_async(self._host, self._port, keepalive=self._keepalive)
         self._client.loop_start()
 
     def stop(self, final: list[tuple[str, bytes]], timeout: float = 2.0) -> None:
@@ -219,10 +229,21 @@ class MqttLink:
         with self._lock:
             was_connected, self._connected = self._connected, False
         self.connected.clear()
-        if was_connected:
+        # paho gives up on a silent broker after the keepalive, before as after the CONNACK.
+        silent = reason == _KEEPALIVE_TIMEOUT
+        if was_connected and silent:
+            self._problem(
+                f"lost connection to MQTT broker {self.broker}: no answer within the"
+                f" {self._keepalive} s keepalive; reconnecting"
+            )
+        elif was_connected:
             self._problem(f"lost connection to MQTT broker {self.broker} ({reason}); reconnecting")
         elif self._refused:
             self._refused = False
+        elif silent and not self._stopped:
+            # It took the TCP (and TLS) connection but never answered CONNECT: not an MQTT
+            # listener, or a broker too busy to speak. Nothing to do with certificates.
+            self._problem(f"no CONNACK from MQTT broker {self.broker} within {self._keepalive} s; retrying")
         elif not self._stopped:
             # Dropped before the broker accepted us: with TLS 1.3 a broker that requires a
             # client certificate says no only now, after the handshake.
@@ -245,6 +266,10 @@ class MqttLink:
             self._last_problem = text
         else:
             logger.debug("%s", text)
+
+
+# The reason paho gives on_disconnect when nothing came back within the keepalive.
+_KEEPALIVE_TIMEOUT = ReasonCode(PacketTypes.DISCONNECT, "Keep alive timeout")
 
 
 def _drop_unsent_retained(client: paho.Client) -> None:

@@ -16,11 +16,31 @@ from typing import Any, NamedTuple
 from .errors import BodyError
 
 # A decimal number as a meter prints it: "220.89", "586", "-3", "0.60", "1e3".
-# Deliberately excludes "nan", "inf", "", "0x10" and "1_000", which float()/int() accept.
-_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+# Deliberately excludes "nan", "inf", "", "0x10" and "1_000", which float()/int() accept,
+# and non-ASCII digits ("١٢", "１２"), which int() accepts but Node-RED's Number() reads as NaN.
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 _SEPARATOR = re.compile(r"br\d*")
 # No meter value is this long; the cap also keeps int() clear of Python's 4300-digit limit.
 _MAX_DIGITS = 40
+_NONZERO = frozenset("123456789")
+
+
+class _JsonNumber(str):
+    """A JSON number (not a string) in the body, kept as the text the meter sent.
+
+    json.loads would turn a 4,000-digit number into a huge int, 1e-400 into 0.0 and 1e999
+    into inf, and the text published under B/D/KEY would no longer be what was sent. With
+    this as the decoder's number hook, both forms of a value meet the one rule in _number.
+    A str subclass, so `type(raw) is str` keeps the fast path for the usual string values."""
+
+    __slots__ = ()
+
+
+# One decoder for every body: json.loads(..., strict=False) would build a new one per call.
+# strict=False admits the raw newline the vendor puts inside the br* names.
+_DECODER = json.JSONDecoder(
+    strict=False, parse_int=_JsonNumber, parse_float=_JsonNumber, parse_constant=_JsonNumber
+)
 
 
 class Reading(NamedTuple):
@@ -64,8 +84,7 @@ def parse_body(body: bytes | str) -> Snapshot:
     else:
         text = body
     try:
-        # strict=False admits the raw newline the vendor puts inside the br* names.
-        doc = json.loads(text, strict=False)
+        doc = _DECODER.decode(text)
     except (ValueError, RecursionError):
         raise BodyError(_not_json(text)) from None
     if not isinstance(doc, dict):
@@ -75,7 +94,7 @@ def parse_body(body: bytes | str) -> Snapshot:
         raise BodyError("answer has no 'data' object")
     devid = str(_integer(doc.get("devid"), "devid"))
     raw_devid = doc.get("devid")
-    if isinstance(raw_devid, str):
+    if type(raw_devid) is str:
         devid = raw_devid.strip()  # keep leading zeros as the meter sent them
     time = _integer(doc.get("time"), "time")
     pout = _integer(doc.get("pout"), "pout")
@@ -123,8 +142,11 @@ def parse_body(body: bytes | str) -> Snapshot:
 
 
 def _integer(value: Any, field: str) -> int:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
+    if type(value) is _JsonNumber:
+        number = _number(value)
+        if number is not None and type(number[1]) is int:
+            return number[1]
+        raise BodyError(f"answer has no valid {field!r}")
     if isinstance(value, str):
         text = value.strip()
         if text.isdigit() and text.isascii() and len(text) <= _MAX_DIGITS:
@@ -133,22 +155,22 @@ def _integer(value: Any, field: str) -> int:
 
 
 def _number(value: Any) -> tuple[str, int | float] | None:
-    """('220.89', 220.89) for a numeric string (or a JSON number); None otherwise."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return str(value), value
-    if isinstance(value, float):
-        return (repr(value), value) if value == value and abs(value) != float("inf") else None
+    """('220.89', 220.89) for a numeric string or a JSON number; None otherwise.
+
+    The one rule for both forms: ASCII digits, sign, point and exponent, at most 40
+    characters, and a float that is neither infinite nor zero from a non-zero text. The
+    text goes out under B/D/KEY and the number in B/D/state, so they must say the same."""
     if not isinstance(value, str):
-        return None
-    text = value.strip()
+        return None  # null, true/false, a list or an object
+    text = value.strip()  # a plain str, also from a _JsonNumber
     if len(text) > _MAX_DIGITS or not _NUMBER.fullmatch(text):
         return None
     if "." in text or "e" in text or "E" in text:
         number = float(text)
         if number in (float("inf"), float("-inf")):
             return None  # "1e999": not representable in JSON
+        if number == 0.0 and not _NONZERO.isdisjoint(text.partition("e")[0].partition("E")[0]):
+            return None  # "1e-400": below the smallest float, B/D/state would say 0.0
         return text, number
     return text, int(text)
 

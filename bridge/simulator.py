@@ -45,11 +45,15 @@ FAULTS: Final = (
     "clean_json",
     "drop_wh",
     "pout_error",
+    "odd_numbers",
+    "odd_labels",
 )
 
 # Faults that still produce a real reading: they go through the PIN and rate-limit
 # checks and count as accepted. Every other fault replaces the answer outright.
-_GOOD_FAULTS: Final = frozenset({"ok", "clean_json", "nonnumeric", "drop_wh", "pout_error"})
+_GOOD_FAULTS: Final = frozenset(
+    {"ok", "clean_json", "nonnumeric", "drop_wh", "pout_error", "odd_numbers", "odd_labels"}
+)
 
 STANDARD_INTERVAL: Final = 60.0  # seconds between accepted requests (vendor page)
 EXTENDED_INTERVAL: Final = 6.0
@@ -231,6 +235,7 @@ _TEMPLATES: Final = {
     for ext in (False, True)
     for br in (_RAW_NL, _ESC_NL)
 }
+_RAW: Final = "\x00%s\x00"  # odd_numbers: a value sent as a JSON number, not a string
 _NO_DATA: Final = '{"devid":"%s","time":"%s","pout":"%s"}'
 
 
@@ -253,8 +258,24 @@ def _render(m: SimMeter, fault: str) -> bytes:
     if fault == "nonnumeric":
         vals[3] = ""  # V1
         vals[4] = "n/a"  # A1
+    elif fault == "odd_numbers":
+        # Values the bridge must leave out (issue 12): an underflow, Arabic-Indic digits, a
+        # 4,000-digit JSON number, an overflowing one; and PF1 as a good JSON number.
+        vals[3] = "1e-400"  # V1
+        vals[4] = "\u0661\u0662"  # A1
+        vals[5] = _RAW % ("9" * 4000)  # W1
+        vals[-2] = _RAW % vals[-2]  # PF of the last phase
+        vals[-1] = _RAW % "1e999"  # T
     br = _ESC_NL if fault == "clean_json" else _RAW_NL
-    return (_TEMPLATES[(m.phases, m.extended, br)] % tuple(vals)).encode()
+    body = _TEMPLATES[(m.phases, m.extended, br)] % tuple(vals)
+    if fault == "odd_numbers":
+        body = body.replace('"\x00', "").replace('\x00"', "")
+    elif fault == "odd_labels":
+        # Home Assistant discovery's edge cases (issue 12): a label with control characters,
+        # a lone surrogate and 100 characters; a second counter wh1 beside Wh1.
+        body = body.replace('"name":"Voltage 1"', '"name":"Voltage\\u0007\\n1 \\ud800%s"' % ("x" * 100), 1)
+        body = body.replace('"T":{', '"wh1":{"name":"Energy 1 again","unit":"Wh","value":"%d"},"T":{' % m._wh[0], 1)
+    return body.encode()
 
 
 def _head(code: int, ctype: str, length: int | None) -> bytes:

@@ -7,6 +7,7 @@ a timeout, never sleeps.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import queue
 import socket
@@ -376,3 +377,11 @@ def test_publish_and_disconnect_is_not_lost_while_a_wildcard_subscriber_exists(
         client.loop_stop()
     received = sorted(commands.next_message().payload for _ in range(5))
     assert received == [b"0", b"1", b"2", b"3", b"4"]
+
+
+def test_an_ipv6_address_is_written_in_brackets() -> None:
+    # Issue 12, item 8: `::1:1883` reads as a host `::1:1883`, or as port 1 of `::1`.
+    _describe = bridge.broker._describe
+    taken = OSError(errno.EADDRINUSE, "Address already in use")
+    assert _describe("::1", 1883, taken) == "cannot listen on [::1]:1883: address already in use"
+    assert _describe("127.0.0.1", 1883, RuntimeError("x")) == "embedded MQTT broker on 127.0.0.1:1883 failed to start: x"

@@ -295,3 +295,53 @@ def test_readme_example_is_what_the_demo_meter_gets() -> None:
     example["origin"]["sw_version"] = __version__
     assert config == example
     assert list(config) == list(example)  # the order it is printed in, too
+
+
+def test_keys_that_differ_in_case_or_punctuation_get_distinct_entity_ids() -> None:
+    # Issue 12, item 8: Wh1 and wh1 (and a-b / a_b) slug alike; HA would get one entity id
+    # twice. The key that sorts first keeps today's id; the others are numbered, skipping ids
+    # another key already has; keys without a collision are untouched, in any order.
+    keys = ["wh1", "V1", "a-b", "Wh1", "a_b", "a_b_2", "WH1"]
+    device = DeviceInfo("5", "m", "M", False)
+    for order in (keys, sorted(keys), keys[::-1]):
+        readings = tuple(Reading(k, k, "", "1", 1) for k in order)
+        ids = {t.split("/")[3]: c["default_entity_id"] for t, c in configs(device, readings).items() if "/sensor/" in t}
+        assert ids == {
+            "V1": "sensor.smartmac_5_v1",
+            "WH1": "sensor.smartmac_5_wh1",  # 'W' 'H' sorts before 'W' 'h' and 'w'
+            "Wh1": "sensor.smartmac_5_wh1_2",
+            "wh1": "sensor.smartmac_5_wh1_3",
+            "a-b": "sensor.smartmac_5_a_b",
+            "a_b_2": "sensor.smartmac_5_a_b_2",  # its own id: a_b below skips it
+            "a_b": "sensor.smartmac_5_a_b_3",
+        }
+        for topic, config in configs(device, readings).items():
+            check_ha_rules(topic, config)
+    # The seed meter's ids are what they always were.
+    seed = configs(DeviceInfo("1728053249", "g", "G", True), readings_of(3, True))
+    wh1 = seed["homeassistant/sensor/smartmac_1728053249/Wh1/config"]
+    assert wh1["default_entity_id"] == "sensor.smartmac_1728053249_wh1"
+
+
+@pytest.mark.parametrize(
+    ("label", "name"),
+    [
+        ("Voltage 1", "Voltage 1"),
+        ("Volt\nage\t1", "Volt age 1"),  # each run of controls is one space
+        ("\x00\x1b[31mRed\x7f\x85", "[31mRed"),
+        ("a\ud800b", "a b"),  # a lone surrogate (a JSON \ud800 escape) cannot be encoded
+        ("x" * 65, "x" * 64),
+        ("\n\t", "V1"),  # nothing left: the key
+    ],
+)
+def test_a_label_is_cleaned_and_capped(label: str, name: str) -> None:
+    device = DeviceInfo("5", "m", "M", False)
+    (sensor,) = [c for t, c in configs(device, (Reading("V1", label, "V\n", "1", 1),)).items() if "/sensor/" in t]
+    assert sensor["name"] == name
+    assert sensor["unit_of_measurement"] == "V" and sensor["device_class"] == "voltage"
+
+
+def test_a_label_from_a_real_body_with_escapes() -> None:
+    body = b'{"devid":"5","time":"1","pout":"0","data":{"V1":{"name":"Volt\\u0007\\ud800 1","unit":"V","value":"1"}}}'
+    found = configs(DeviceInfo("5", "m", "M", False), parse_body(body).readings)
+    assert found["homeassistant/sensor/smartmac_5/V1/config"]["name"] == "Volt 1"

@@ -275,3 +275,28 @@ def test_republishes_everything_after_a_broker_restart(
     fresh.publish("smartmac/garage/relay/set", "ON")
     assert fresh.wait_for("smartmac/garage/relay/result", after=mark).json() == {"ok": True, "relay": "ON"}
     assert_rate_limit_kept(sim)
+
+
+def test_odd_numbers_are_left_out_and_key_topics_agree_with_state(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Issue 12, item 6: the simulator's odd_numbers fault sends V1 "1e-400" (underflows to
+    # 0.0), A1 in Arabic-Indic digits, W1 as a 4,000-digit JSON number, T as JSON 1e999, and
+    # PF1 as a good JSON number. One rule for both forms: the four are left out of B/D/KEY
+    # and B/D/state alike; PF1 goes out as sent; every B/D/KEY says what B/D/state says.
+    meter = SimMeter(devid="1728053251", pin=PIN_1, phases=1, extended=False, fault="odd_numbers")
+    sim = rig.simulator([meter])
+    probe = rig.probe("smartmac/#")
+    rig.bridge([device(sim, meter, topic="odd")])
+    state = probe.wait_for("smartmac/odd/state").json()
+    assert isinstance(state, dict)
+    probe.sync("smartmac")
+    readings = {k: v for k, v in state.items() if k not in ("devid", "time", "pout", "relay")}
+    assert set(readings) == {"Wh1", "PF1"}
+    keys = {m.topic.rsplit("/", 1)[1]: m.payload for m in probe.messages if m.topic.count("/") == 2}
+    assert not {"V1", "A1", "W1", "T"} & set(keys)
+    assert re.fullmatch(rb"0\.\d\d", keys["PF1"])  # the JSON number's own text
+    for key, value in readings.items():
+        assert float(keys[key]) == value, key
+    for key in ("V1", "A1", "W1", "T"):
+        assert f"key {key} has no numeric value" in caplog.text

@@ -203,3 +203,23 @@ def test_energy_guard_and_on_change(rig: Rig, caplog: pytest.LogCaptureFixture) 
     assert cleared == []
     assert probe.last(f"homeassistant/sensor/smartmac_{quiet.devid}/V1/config") is not None
     assert_rate_limit_kept(sim)
+
+
+def test_odd_labels_and_keys_that_differ_in_case(rig: Rig) -> None:
+    # Issue 12, item 8: the simulator's odd_labels fault labels V1 with a bell, a newline, a
+    # lone surrogate and 100 more characters, and sends wh1 beside Wh1. Before, the label
+    # could not be encoded (no config of the meter went out at all) and wh1 took Wh1's
+    # entity id.
+    meter = SimMeter(devid="1728053251", pin="582064", phases=1, extended=False, fault="odd_labels")
+    sim = rig.simulator([meter])
+    probe = rig.probe("#")
+    rig.bridge([device(sim, meter, topic="odd")])
+    state = probe.wait_for("smartmac/odd/state").json()
+    assert state["Wh1"] == state["wh1"]  # type: ignore[index]
+    node = f"homeassistant/sensor/smartmac_{meter.devid}"
+    configs = {key: probe.wait_for(f"{node}/{key}/config").json() for key in ("V1", "Wh1", "wh1")}
+    for key, config in configs.items():
+        check_ha_rules(f"{node}/{key}/config", config)  # type: ignore[arg-type]
+    assert configs["V1"]["name"] == "Voltage 1 " + "x" * 54  # type: ignore[index]
+    assert configs["Wh1"]["default_entity_id"] == f"sensor.smartmac_{meter.devid}_wh1"  # type: ignore[index]
+    assert configs["wh1"]["default_entity_id"] == f"sensor.smartmac_{meter.devid}_wh1_2"  # type: ignore[index]

@@ -83,6 +83,55 @@ def test_non_numbers_are_rejected_not_zeroed(raw: object) -> None:
     assert snap.rejected == ("A1",)
 
 
+def _raw_value(value: str) -> bytes:
+    """A body whose A1 value is `value` as raw JSON text (json.dumps cannot write 4,000 digits)."""
+    return b'{"devid": "17", "time": "100", "pout": "1", "data": {"A1": {"value": %s}, "V1": {"value": "230"}}}' % (
+        value.encode()
+    )
+
+
+# One rule for strings and JSON numbers (issue 12, item 6): ASCII only, at most 40 characters,
+# and no float that is infinite or zero from a non-zero text; B/D/KEY and B/D/state agree.
+@pytest.mark.parametrize(
+    "raw",
+    ["\u0661\u0662", "\uff11\uff12", "\u0662.5", "1e-400", "-1e-400", "0.1e-330", "1E999", "9" * 41, "1." + "0" * 39],
+)
+def test_number_rule_for_strings(raw: str) -> None:
+    snap = parse_body(_body({"A1": {"value": json.loads(f'"{raw}"')}, "V1": {"value": "230"}}))
+    assert [r.key for r in snap.readings] == ["V1"] and snap.rejected == ("A1",)
+
+
+@pytest.mark.parametrize(
+    "raw", ["9" * 4000, "9" * 41, "-" + "9" * 40, "1e-400", "-1e-400", "1e999", "-1e999", "NaN", "Infinity", "-Infinity"]
+)
+def test_number_rule_for_json_numbers(raw: str) -> None:
+    snap = parse_body(_raw_value(raw))
+    assert [r.key for r in snap.readings] == ["V1"] and snap.rejected == ("A1",)
+
+
+@pytest.mark.parametrize(
+    ("raw", "text", "value"),
+    [
+        ("9" * 40, "9" * 40, int("9" * 40)),
+        ("1E5", "1E5", 100000.0),  # as sent, not Python's "100000.0"
+        ("1.0", "1.0", 1.0),
+        ("-0", "-0", 0),
+        ("0e-400", "0e-400", 0.0),  # a true zero is a number
+        ("1e-300", "1e-300", 1e-300),
+    ],
+)
+def test_json_numbers_keep_their_text(raw: str, text: str, value: float) -> None:
+    (reading,) = [r for r in parse_body(_raw_value(raw)).readings if r.key == "A1"]
+    assert (reading.text, reading.value) == (text, value)
+    assert type(reading.text) is str  # not the decoder's str subclass
+
+
+@pytest.mark.parametrize("raw", ["9" * 41, "1.5", "1e2", "NaN"])
+def test_json_number_envelope_follows_the_rule(raw: str) -> None:
+    with pytest.raises(BodyError, match="time"):
+        parse_body(b'{"devid": 17, "time": %s, "pout": 1, "data": {}}' % raw.encode())
+
+
 def test_unknown_keys_pass_through() -> None:
     snap = parse_body(_body({"Ch1": {"name": "Pulses", "unit": "imp", "value": "12"}, "Fr": {"value": "50.01"}}))
     assert [(r.key, r.name, r.unit) for r in snap.readings] == [("Ch1", "Pulses", "imp"), ("Fr", "Fr", "")]

@@ -422,6 +422,30 @@ def test_fault_nonnumeric(make_sim: Callable[..., Simulator]) -> None:
     assert get(sim, m).status_code == 429  # a good answer: the rate limit applies
 
 
+def test_fault_odd_numbers(make_sim: Callable[..., Simulator]) -> None:
+    sim = make_sim(make_fleet(1, phases=3))
+    m = first(sim)
+    sim.set_fault(m.devid, "odd_numbers")
+    r = get(sim, m)
+    assert re.search(rb'"W1":\{[^}]*"value":9{4000}\}', r.content)  # a raw JSON number
+    assert b'"value":1e999}' in r.content
+    data = json.loads(r.text, strict=False)["data"]
+    assert (data["V1"]["value"], data["A1"]["value"]) == ("1e-400", "\u0661\u0662")
+    assert 0 < data["PF3"]["value"] <= 1 and isinstance(data["PF3"]["value"], float)
+    assert isinstance(data["V2"]["value"], str)  # the rest as usual
+    assert get(sim, m).status_code == 429  # a good answer: the rate limit applies
+
+
+def test_fault_odd_labels(make_sim: Callable[..., Simulator]) -> None:
+    sim = make_sim(make_fleet(1))
+    m = first(sim)
+    sim.set_fault(m.devid, "odd_labels")
+    data = json.loads(get(sim, m).text, strict=False)["data"]
+    assert data["V1"]["name"] == "Voltage\x07\n1 \ud800" + "x" * 100
+    assert data["wh1"]["value"] == data["Wh1"]["value"] and list(data)[-1] == "T"
+    assert get(sim, m).status_code == 429  # a good answer: the rate limit applies
+
+
 def test_fault_clean_json(make_sim: Callable[..., Simulator]) -> None:
     sim = make_sim(make_fleet(1, phases=3, extended=True))
     m = first(sim)
@@ -481,7 +505,8 @@ def test_fault_huge(make_sim: Callable[..., Simulator]) -> None:
 def test_every_fault_is_covered() -> None:
     covered = {
         "ok", "refuse", "hang", "drip", "drip_head", "cut_head", "http500", "http429", "html", "truncated",
-        "no_data", "nonnumeric", "huge", "clean_json", "drop_wh", "pout_error",
+        "no_data", "nonnumeric", "huge", "clean_json", "drop_wh", "pout_error", "odd_numbers",
+        "odd_labels",
     }  # fmt: skip
     assert set(FAULTS) == covered
 

@@ -63,6 +63,18 @@ def topic_problem(topic: str) -> str | None:
     return None
 
 
+ENVELOPE = frozenset({"devid", "time", "pout", "relay"})
+
+
+def check_number_rule(text: str) -> None:
+    """README's number rule, stated independently of the parser's regex (issue 12, item 6)."""
+    assert 0 < len(text) <= 40 and all(c in "0123456789+-.eE" for c in text), text
+    number = float(text)
+    assert math.isfinite(number), text
+    mantissa = text.lower().partition("e")[0]
+    assert number != 0.0 or not any(c in "123456789" for c in mantissa), f"{text} rounds to 0"
+
+
 def check_accepted(snap: Snapshot) -> None:
     """What a body that parses promises to the rest of the bridge."""
     assert isinstance(snap.devid, str) and isinstance(snap.time, int) and snap.pout in (0, 1)
@@ -81,6 +93,11 @@ def check_accepted(snap: Snapshot) -> None:
         assert problem is None, f"topic {topic!r}: {problem}"
         assert isinstance(payload, bytes)
     state = json.loads(dict(messages)[topics.state])
+    for reading in snap.readings:
+        check_number_rule(reading.text)
+        if reading.key not in ENVELOPE:
+            # What a consumer reads from B/D/KEY (Node-RED: Number(text)) is what B/D/state says.
+            assert float(reading.text) == float(state[reading.key]), reading
     assert state["devid"] == snap.devid and state["pout"] == snap.pout and state["relay"] == relay.value
 
 
@@ -124,7 +141,8 @@ def mutated_seed(draw: st.DrawFn) -> bytes:
 
 ODD_TEXT = st.sampled_from(
     ["", " ", "1", " 220.5 ", "0", "-3", "+1", "1e3", "1e999", "-1e999", "nan", "inf", "0x10",
-     "1_000", "1,5", "١٢", "１２", "²", "12abc", "9" * 41, "9" * 5000, "0.60", ".5", "5.", "e5"]
+     "1_000", "1,5", "١٢", "１２", "²", "12abc", "9" * 41, "9" * 5000, "0.60", ".5", "5.", "e5",
+     "1e-400", "-1e-400", "0e-400", "1e-320", "٣.5", "9" * 40]
 )  # fmt: skip
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12) | ODD_TEXT,
@@ -161,6 +179,28 @@ def mutated_document(draw: st.DrawFn) -> bytes:
     return json.dumps(doc, ensure_ascii=draw(st.booleans())).encode("utf-8", "surrogatepass")
 
 
+# Number-like text: valid and invalid JSON numbers, over- and underflows, non-ASCII digits.
+NUMBER_TEXT = st.text(alphabet="0123456789+-.eE\u0661\uff11", min_size=1, max_size=45) | st.sampled_from(
+    ["9" * 4000, "1e-400", "-1e-400", "1e999", "1E-330", "0.0e-999", "5e-324", "NaN", "-Infinity", "9" * 40]
+)
+
+
+@st.composite
+def numbers_in_seed(draw: st.DrawFn) -> bytes:
+    """The vendor's body with some values replaced by number-like text, raw or quoted."""
+    body = SEED.decode()
+    for _ in range(draw(st.integers(1, 4))):
+        parts = body.split('"value":', 1 + draw(st.integers(0, 20)))
+        if len(parts) < 2:
+            break
+        head, tail = '"value":'.join(parts[:-1]), parts[-1]
+        old_end = tail.index("}")
+        number = draw(NUMBER_TEXT)
+        new = f'"{number}"' if draw(st.booleans()) else number
+        body = f'{head}"value":{new}{tail[old_end:]}'
+    return body.encode()
+
+
 # --- the properties -----------------------------------------------------------------------
 
 
@@ -185,6 +225,12 @@ def test_parse_body_on_mutated_vendor_bodies(body: bytes) -> None:
 @FUZZ
 @given(mutated_document())
 def test_parse_body_on_mutated_vendor_documents(body: bytes) -> None:
+    parse(body)
+
+
+@FUZZ
+@given(numbers_in_seed())
+def test_parse_body_number_rule(body: bytes) -> None:
     parse(body)
 
 
