@@ -759,8 +759,10 @@ class Bridge:
         assert self._discovery is not None
         configs: list[tuple[str, bytes]] = []
         states: list[tuple[str, bytes]] = []
-        end = run.next + ANNOUNCE_SLICE
-        for meter in run.meters[run.next : end]:
+        # Moved on first: a slice that raises is skipped, not tried again on every turn.
+        begin, end = run.next, run.next + ANNOUNCE_SLICE
+        run.next = end
+        for meter in run.meters[begin:end]:
             if meter.last is None or meter.relay is None:
                 continue  # not read yet: its first read announces it
             configs.extend(self._discovery.configs(meter.ha, meter.last.readings))
@@ -771,7 +773,6 @@ class Bridge:
                     states.append(
                         (meter.topics.availability, ONLINE if meter.available else OFFLINE)
                     )
-        run.next = end
         run.configs += len(configs)
         run.states += len(states)
         if configs:
