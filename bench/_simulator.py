@@ -4,13 +4,16 @@
 
 Fleet meter i has devid FIRST_ID + i, command meter j has FIRST_ID + N + j; PINs follow
 make_fleet's rule for the index within each group (so the benchmark can rebuild them). The
-counters are served on GET /stats. Runs until SIGTERM or SIGINT.
+counters are served on GET /stats. Runs until SIGTERM or SIGINT; then, with --times FILE,
+writes every meter's request arrival times (time.monotonic(), the same clock in every
+process on Linux) as JSON ``{devid: [t, ...]}``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import signal
 import sys
 from pathlib import Path
@@ -40,6 +43,7 @@ def main() -> int:
     parser.add_argument("--delay", type=float, required=True, help="seconds")
     parser.add_argument("--commands", type=int, default=0)
     parser.add_argument("--command-delay", type=float, default=0.02, help="seconds")
+    parser.add_argument("--times", type=Path, help="write request arrival times here at exit")
     args = parser.parse_args()
     main_meters, fast = fleet(args.meters, args.commands, args.command_delay)
     sim = Simulator(main_meters + fast, host="127.0.0.1", port=args.port, delay=args.delay)
@@ -56,6 +60,9 @@ def main() -> int:
             pass
 
     asyncio.run(serve())
+    if args.times is not None:
+        times = {m.devid: list(m.request_times) for m in sim.meters.values()}
+        args.times.write_text(json.dumps(times))
     return 0
 
 
