@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from . import __version__
 from .config import DeviceSettings, Settings, load_settings
 from .errors import ConfigError, MeterError, SmartmacError
+from .topics import refused_text
 
 if TYPE_CHECKING:  # imported when used: `simulate` and `probe` need no MQTT stack
     from .service import Bridge
@@ -230,6 +231,8 @@ def _probe_pin(given: str | None) -> str:
             pin = sys.stdin.readline().rstrip("\r\n")
     if not pin:
         raise ConfigError("--pin: no PIN given (use --pin, SMARTMAC_PIN or type it when asked)")
+    if refused_text(pin):  # e.g. bytes that are not UTF-8, which argv turns into surrogates
+        raise ConfigError("--pin: holds a control character or bytes that are not UTF-8 text")
     return pin
 
 

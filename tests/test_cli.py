@@ -259,6 +259,13 @@ def test_probe_without_any_pin_is_a_config_error(
     assert "--pin: no PIN given" in probe.stderr
 
 
+def test_probe_pin_that_is_not_text_is_a_config_error(tmp_path: Path, processes: list[Process]) -> None:
+    probe = Process(tmp_path, "probe", "--host", f"{LOOPBACK}:1", "--id", "17", env={"SMARTMAC_PIN": "12\t34"})
+    processes.append(probe)
+    assert probe.proc.wait(10) == 2
+    assert "--pin: holds a control character" in probe.stderr and "Traceback" not in probe.stderr
+
+
 def test_simulate_serves_and_lists_meters(tmp_path: Path, processes: list[Process]) -> None:
     port = free_port()
     sim = Process(tmp_path, "simulate", "--port", str(port), "--devices", "2", "--phases", "3", "--extended")
