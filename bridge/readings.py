@@ -73,10 +73,14 @@ def parse_body(body: bytes | str) -> Snapshot:
     data = doc.get("data")
     if not isinstance(data, dict):
         raise BodyError("answer has no 'data' object")
-    devid = str(_integer(doc.get("devid"), "devid"))
-    raw_devid = doc.get("devid")
-    if isinstance(raw_devid, str):
-        devid = raw_devid.strip()  # keep leading zeros as the meter sent them
+    devid = _devid(doc.get("devid"))
+    # JSON's last duplicate wins: a body naming two devids must not pass as the last one.
+    # Only a body that could hold a second top-level "devid" (the literal twice, or a key
+    # spelt with a \u escape) pays for the second, exact parse.
+    if text.count('"devid"') > 1 or "\\u" in text:
+        named = {_devid(value) for value in _top_level_values(text, "devid")}
+        if len(named) > 1:
+            raise BodyError("answer names more than one devid: " + ", ".join(sorted(named)))
     time = _integer(doc.get("time"), "time")
     pout = _integer(doc.get("pout"), "pout")
     if pout not in (0, 1):
@@ -120,6 +124,26 @@ def parse_body(body: bytes | str) -> Snapshot:
             )
         )
     return Snapshot(devid, time, pout, tuple(readings), tuple(rejected))
+
+
+def _devid(raw: Any) -> str:
+    devid = str(_integer(raw, "devid"))
+    if isinstance(raw, str):
+        devid = raw.strip()  # keep leading zeros as the meter sent them
+    return devid
+
+
+def _top_level_values(text: str, key: str) -> list[Any]:
+    """Every value of `key` in the top-level object, duplicates included (text parses)."""
+    found: list[list[Any]] = []
+
+    def pairs_hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        found.append([value for name, value in pairs if name == key])
+        return dict(pairs)
+
+    json.loads(text, strict=False, object_pairs_hook=pairs_hook)
+    # Objects end inside out: the top-level object is the last one the hook sees.
+    return found[-1] if found else []
 
 
 def _integer(value: Any, field: str) -> int:

@@ -507,9 +507,12 @@ class Bridge:
         error: MeterError | None = None
         label = meter.client.label
         try:
-            snap = parse_body(exchange.result())
-            if snap.devid != meter.device.id:
-                raise BodyError(f"{label}: answered as devid {snap.devid}, not {meter.device.id}")
+            parsed = parse_body(exchange.result())
+            if parsed.devid != meter.device.id:
+                raise BodyError(f"{label}: answered as devid {parsed.devid}, not {meter.device.id}")
+            # Only now: another meter's answer must count as a failure, publish nothing
+            # and confirm no command.
+            snap = parsed
         except BodyError as exc:
             text = str(exc)
             error = exc if text.startswith(label) else BodyError(f"{label}: {text}")

@@ -45,11 +45,16 @@ FAULTS: Final = (
     "clean_json",
     "drop_wh",
     "pout_error",
+    "wrong_devid",
+    "dup_devid",
+    "churn",
 )
 
 # Faults that still produce a real reading: they go through the PIN and rate-limit
 # checks and count as accepted. Every other fault replaces the answer outright.
-_GOOD_FAULTS: Final = frozenset({"ok", "clean_json", "nonnumeric", "drop_wh", "pout_error"})
+_GOOD_FAULTS: Final = frozenset(
+    {"ok", "clean_json", "nonnumeric", "drop_wh", "pout_error", "wrong_devid", "dup_devid", "churn"}
+)
 
 STANDARD_INTERVAL: Final = 60.0  # seconds between accepted requests (vendor page)
 EXTENDED_INTERVAL: Final = 6.0
@@ -59,6 +64,7 @@ _HEAD_TIMEOUT: Final = 10.0  # a client that never finishes its request is dropp
 _DRIP_INTERVAL: Final = 0.5
 _HUGE_SIZE: Final = 10 * 1024 * 1024
 _HUGE_CHUNK: Final = b" " * (64 * 1024)
+_CHURN_KEYS: Final = 10  # fresh keys per read with fault "churn"
 
 _REASONS: Final = {
     200: "OK",
@@ -118,6 +124,7 @@ class SimMeter:
     _wh: list[float] = field(init=False, repr=False, compare=False)
     _t: int = field(init=False, repr=False, compare=False)
     _last_accepted: float | None = field(default=None, init=False, repr=False, compare=False)
+    _churn: int = field(default=0, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.devid.isdigit():
@@ -252,8 +259,27 @@ def _render(m: SimMeter, fault: str) -> bytes:
     if fault == "nonnumeric":
         vals[3] = ""  # V1
         vals[4] = "n/a"  # A1
+    if fault == "wrong_devid":
+        vals[0] = _other_devid(m.devid)  # another meter answering at this meter's address
     br = _ESC_NL if fault == "clean_json" else _RAW_NL
-    return (_TEMPLATES[(m.phases, m.extended, br)] % tuple(vals)).encode()
+    body = _TEMPLATES[(m.phases, m.extended, br)] % tuple(vals)
+    if fault == "dup_devid":
+        # A second devid at the end of the envelope: JSON's last duplicate wins.
+        body = body[:-1] + ',"devid":"%s"}' % _other_devid(m.devid)
+    elif fault == "churn":
+        # Key names never seen before on every read (a firmware bug or a man in the middle).
+        m._churn += 1
+        fresh = ",".join(
+            '"X%d_%d":{"name":"Churn %d","unit":"","value":"%d"}' % (m._churn, i, i, i)
+            for i in range(_CHURN_KEYS)
+        )
+        body = body[:-2] + "," + fresh + "}}"
+    return body.encode()
+
+
+def _other_devid(devid: str) -> str:
+    """A devid that is not `devid`, of the same length."""
+    return str(int(devid) + 1).zfill(len(devid))[-len(devid) :]
 
 
 def _head(code: int, ctype: str, length: int | None) -> bytes:
