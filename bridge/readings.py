@@ -21,6 +21,9 @@ _NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 _SEPARATOR = re.compile(r"br\d*")
 # No meter value is this long; the cap also keeps int() clear of Python's 4300-digit limit.
 _MAX_DIGITS = 40
+#: Most data keys (br* separators not counted) in a good answer. A real meter sends a few
+#: dozen; the cap bounds every per-key structure downstream (see keyset.py).
+MAX_KEYS = 256
 
 
 class Reading(NamedTuple):
@@ -86,6 +89,9 @@ def parse_body(body: bytes | str) -> Snapshot:
     if pout not in (0, 1):
         raise BodyError("answer has a 'pout' other than 0 or 1")
 
+    if len(data) > MAX_KEYS and _data_keys(data) > MAX_KEYS:
+        raise BodyError(f"answer has more than {MAX_KEYS} data keys")
+
     readings: list[Reading] = []
     rejected: list[str] = []
     for key, entry in data.items():
@@ -124,6 +130,15 @@ def parse_body(body: bytes | str) -> Snapshot:
             )
         )
     return Snapshot(devid, time, pout, tuple(readings), tuple(rejected))
+
+
+def _data_keys(data: dict[str, Any]) -> int:
+    """The keys of `data` less the value-less br* separators (as the loop below skips them)."""
+    return sum(
+        1
+        for key, entry in data.items()
+        if not (type(entry) is dict and entry.get("value") is None and _SEPARATOR.fullmatch(key))
+    )
 
 
 def _devid(raw: Any) -> str:

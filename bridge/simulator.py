@@ -48,12 +48,16 @@ FAULTS: Final = (
     "wrong_devid",
     "dup_devid",
     "churn",
+    "many_keys",
 )
 
 # Faults that still produce a real reading: they go through the PIN and rate-limit
 # checks and count as accepted. Every other fault replaces the answer outright.
 _GOOD_FAULTS: Final = frozenset(
-    {"ok", "clean_json", "nonnumeric", "drop_wh", "pout_error", "wrong_devid", "dup_devid", "churn"}
+    {
+        "ok", "clean_json", "nonnumeric", "drop_wh", "pout_error",
+        "wrong_devid", "dup_devid", "churn", "many_keys",
+    }  # fmt: skip
 )
 
 STANDARD_INTERVAL: Final = 60.0  # seconds between accepted requests (vendor page)
@@ -274,6 +278,10 @@ def _render(m: SimMeter, fault: str) -> bytes:
             for i in range(_CHURN_KEYS)
         )
         body = body[:-2] + "," + fresh + "}}"
+    elif fault == "many_keys":
+        # More data keys than a bridge keeps per meter (README: 256).
+        extra = ",".join('"N%d":{"value":"%d"}' % (i, i) for i in range(257))
+        body = body[:-2] + "," + extra + "}}"
     return body.encode()
 
 

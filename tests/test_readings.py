@@ -140,3 +140,12 @@ def test_devid_text_elsewhere_is_no_duplicate() -> None:
     )
     assert snap.devid == "17"
     assert [(r.key, r.unit) for r in snap.readings] == [("devid", ""), ("T", "°C")]
+
+
+def test_at_most_256_data_keys_separators_not_counted() -> None:
+    data: dict[str, object] = {f"K{i}": {"value": str(i)} for i in range(256)}
+    data.update({f"br{i}": {"name": "\n"} for i in range(50)})
+    assert len(parse_body(_body(data)).readings) == 256
+    data["K256"] = {"value": "n/a"}  # a key without a number counts too
+    with pytest.raises(BodyError, match="more than 256 data keys"):
+        parse_body(_body(data))
