@@ -596,7 +596,9 @@ class Bridge:
             meter.changes.forget(topics)
         # At once, not with this turn's state: an empty payload must not be remembered.
         self.link.clear(topics)
-        logger.debug("%s: forgot %d key(s) no longer sent: %s", meter.client.label, len(keys), ", ".join(keys))
+        logger.debug(
+            "%s: forgot %d key(s) no longer sent: %s", meter.client.label, len(keys), ", ".join(keys)
+        )
 
     def _failed_read(self, meter: Meter, error: MeterError | None) -> list[tuple[str, bytes]]:
         text = str(error)
