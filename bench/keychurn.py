@@ -28,11 +28,36 @@ from urllib.parse import parse_qs, urlsplit
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import paho.mqtt.client as paho  # noqa: E402
+from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
+
 from bench.procstat import peak_rss_mb  # noqa: E402
 from bench.support import LOOPBACK, free_port, wait_for_port  # noqa: E402
 
 FIRST_ID = 1728100000
 SAMPLE_EVERY = 10.0
+# mosquitto's own counts, refreshed every 10 s (its sys_interval); heap only when built with it.
+SYS_TOPICS = ("$SYS/broker/retained messages/count", "$SYS/broker/heap/current")
+
+
+class BrokerStats:
+    """The latest of mosquitto's $SYS figures above."""
+
+    def __init__(self, port: int) -> None:
+        self.values: dict[str, str] = {}
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id="keychurn-sys")
+        client.on_connect = lambda c, *a: [c.subscribe(t) for t in SYS_TOPICS]
+        client.on_message = lambda c, u, m: self.values.__setitem__(m.topic, m.payload.decode())
+        client.connect(LOOPBACK, port)
+        client.loop_start()
+        self._client = client
+
+    def get(self, topic: str) -> str:
+        return self.values.get(topic, "-")
+
+    def stop(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
 
 
 def rss_mb(pid: int) -> float:
@@ -142,6 +167,7 @@ def main() -> int:
             procs.append(mosquitto)
             wait_for_port(broker_port)
             meters.start()
+            stats = BrokerStats(broker_port)
             with open(tmp / "bridge.log", "wb") as log:
                 bridge = subprocess.Popen(
                     [sys.executable, "-m", "bridge", "run", "--config", str(tmp / "bridge.yaml"),
@@ -150,12 +176,15 @@ def main() -> int:
                 )  # fmt: skip
             procs.append(bridge)
             print(f"code: {ROOT}; {args.meters} meters, {args.keys} new keys per answer, {args.seconds:g} s")
-            print(f"{'t (s)':>6} {'answers':>8} {'bridge RSS MB':>14} {'mosquitto RSS MB':>17}")
+            print(f"{'t (s)':>6} {'answers':>8} {'bridge RSS MB':>14} {'mosquitto RSS MB':>17}"
+                  f" {'retained':>9} {'mosq. heap MB':>14}")  # fmt: skip
             start = time.monotonic()
             t = 0.0
             while True:
-                print(f"{t:6.0f} {meters.requests:8d} {rss_mb(bridge.pid):14.1f} {rss_mb(mosquitto.pid):17.1f}",
-                      flush=True)  # fmt: skip
+                heap = stats.get(SYS_TOPICS[1])
+                heap = f"{int(heap) / 2**20:.1f}" if heap.isdigit() else heap
+                print(f"{t:6.0f} {meters.requests:8d} {rss_mb(bridge.pid):14.1f} {rss_mb(mosquitto.pid):17.1f}"
+                      f" {stats.get(SYS_TOPICS[0]):>9} {heap:>14}", flush=True)  # fmt: skip
                 if bridge.poll() is not None:
                     print(f"the bridge exited with {bridge.returncode}:\n" + (tmp / "bridge.log").read_text()[-2000:])
                     return 1
@@ -164,6 +193,7 @@ def main() -> int:
                 t = min(t + SAMPLE_EVERY, args.seconds)
                 time.sleep(max(0.0, start + t - time.monotonic()))
             print(f"peak RSS MB: bridge {peak_rss_mb(bridge.pid):.1f}, mosquitto {peak_rss_mb(mosquitto.pid):.1f}")
+            stats.stop()
         finally:
             for proc in reversed(procs):
                 proc.terminate()
