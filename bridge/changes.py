@@ -3,7 +3,8 @@
 It runs on every poll of every meter, so it is one dict lookup and one comparison per topic.
 A topic is sent when its value differs from the last one sent, or when `heartbeat` seconds
 have passed since it was last sent (so a subscriber that missed nothing still sees the
-value is alive). Everything retained stays on the broker either way.
+value is alive). Everything retained stays on the broker either way (until its key is
+forgotten, see keyset.py).
 
 The meter state JSON carries the meter's own clock (`time`), which changes on every read;
 comparing it byte for byte would send it every poll. So the caller may give a topic a
@@ -52,6 +53,7 @@ class ChangeFilter:
                 chosen.append(message)
         return chosen
 
-    def forget(self) -> None:
-        """Send everything on the next poll (e.g. after the broker lost its retained state)."""
-        self._sent.clear()
+    def forget(self, topics: Iterable[str]) -> None:
+        """Topics of keys the meter stopped sending (see keyset.py): drop what was sent."""
+        for topic in topics:
+            self._sent.pop(topic, None)

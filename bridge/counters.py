@@ -105,3 +105,9 @@ class CounterGuard:
         if readings is not None:
             snap = replace(snap, readings=tuple(readings))
         return Guarded(snap, tuple(log), tuple(held))
+
+    def forget(self, key: str) -> None:
+        """The meter stopped sending the key (see keyset.py): drop all it knows of it."""
+        self._good.pop(key, None)
+        self._holds.pop(key, None)
+        self._kinds.pop(key, None)

@@ -4,6 +4,7 @@ It remembers the last payload of every retained topic and publishes all of them 
 every (re)connect: a restarted broker without persistence has forgotten them. While the
 broker is away, retained publishes only update that memory, so an outage costs a bounded
 amount of RAM (one payload per topic) instead of a queue that grows with every poll.
+A topic whose key the meter stopped sending is cleared (clear()) and forgotten here too.
 
 At QoS 0 the retained state of a whole turn of the bridge's loop (dozens of messages per
 meter, thousands a second for a large fleet) goes to paho as one buffer of ready-made
@@ -65,6 +66,11 @@ class MqttLink:
         self._on_connect = on_connect
         self._lock = threading.Lock()
         self._retained: dict[str, bytes] = {}
+        # While the broker is away: topics first remembered since (they never reached it),
+        # and remembered topics cleared since (they may still be retained there). Both hold
+        # only topics of _retained, so they are bounded as it is.
+        self._unsent: set[str] = set()
+        self._clears: set[str] = set()
         self._connected = False
         self._stopped = False
         self._refused = False
@@ -138,14 +144,40 @@ class MqttLink:
     def publish_many(self, messages: list[tuple[str, bytes]]) -> None:
         """Publish retained messages and remember them for the replay after a reconnect."""
         with self._lock:
+            if not self._connected:
+                retained = self._retained
+                self._unsent.update(topic for topic, _ in messages if topic not in retained)
+                retained.update(messages)
+                return
             self._retained.update(messages)
+            self._send_retained(messages)
+
+    def clear(self, topics: list[str]) -> None:
+        """Clear retained topics on the broker (an empty retained payload) and forget them:
+        they are not replayed, and their encoded form is dropped."""
+        if not topics:
+            return
+        with self._lock:
+            retained = self._retained
+            for topic in topics:
+                if retained.pop(topic, None) is not None and not self._connected:
+                    if topic in self._unsent:
+                        self._unsent.discard(topic)  # never sent: nothing to clear
+                    else:
+                        self._clears.add(topic)  # cleared on the next connect
+            if self._raw is not None:
+                self._raw.forget(topics)
             if self._connected:
-                if self._raw is not None:
-                    self._raw.publish_retained(messages)
-                    return
-                publish, qos = self._client.publish, self._qos
-                for topic, payload in messages:
-                    publish(topic, payload, qos=qos, retain=True)
+                self._send_retained([(topic, b"") for topic in topics], cache=False)
+
+    def _send_retained(self, messages: list[tuple[str, bytes]], *, cache: bool = True) -> None:
+        """Connected, under the lock: the messages, retained, at the link's QoS."""
+        if self._raw is not None:
+            self._raw.publish_retained(messages, cache=cache)
+            return
+        publish, qos = self._client.publish, self._qos
+        for topic, payload in messages:
+            publish(topic, payload, qos=qos, retain=True)
 
     def publish_volatile(self, messages: list[tuple[str, bytes]]) -> None:
         """Retained messages the caller regenerates after every connect (see `on_connect`):
@@ -203,11 +235,11 @@ class MqttLink:
             # Everything retained, again: after a broker restart it is all gone. (Under
             # the lock, so no newer value can go out before the older replayed one; as one
             # buffer at QoS 0, so 90,000 topics take 0.1 s rather than 2 s of it.)
-            if self._raw is not None:
-                self._raw.publish_retained(list(self._retained.items()))
-            else:
-                for topic, payload in self._retained.items():
-                    client.publish(topic, payload, qos=self._qos, retain=True)
+            if self._clears:
+                self._send_retained([(topic, b"") for topic in self._clears], cache=False)
+                self._clears.clear()
+            self._unsent.clear()
+            self._send_retained(list(self._retained.items()))
             count = len(self._retained)
         self.connected.set()
         self._last_problem = None
@@ -345,6 +377,10 @@ class _RawPublisher:
                 parts = []
         if parts:
             self._send(parts)
+
+    def forget(self, topics: list[str]) -> None:
+        for topic in topics:
+            self._topics.pop(topic, None)
 
     def _send(self, parts: list[bytes]) -> None:
         self._queue(paho.PUBLISH, b"".join(parts), 0, 0, paho.MQTTMessageInfo(0))

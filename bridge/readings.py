@@ -41,6 +41,9 @@ class _JsonNumber(str):
 _DECODER = json.JSONDecoder(
     strict=False, parse_int=_JsonNumber, parse_float=_JsonNumber, parse_constant=_JsonNumber
 )
+#: Most data keys (br* separators not counted) in a good answer. A real meter sends a few
+#: dozen; the cap bounds every per-key structure downstream (see keyset.py).
+MAX_KEYS = 256
 
 
 class Reading(NamedTuple):
@@ -92,14 +95,21 @@ def parse_body(body: bytes | str) -> Snapshot:
     data = doc.get("data")
     if not isinstance(data, dict):
         raise BodyError("answer has no 'data' object")
-    devid = str(_integer(doc.get("devid"), "devid"))
-    raw_devid = doc.get("devid")
-    if type(raw_devid) is str:
-        devid = raw_devid.strip()  # keep leading zeros as the meter sent them
+    devid = _devid(doc.get("devid"))
+    # JSON's last duplicate wins: a body naming two devids must not pass as the last one.
+    # Only a body that could hold a second top-level "devid" (the literal twice, or a key
+    # spelt with a \u escape) pays for the second, exact parse.
+    if text.count('"devid"') > 1 or "\\u" in text:
+        named = {_devid(value) for value in _top_level_values(text, "devid")}
+        if len(named) > 1:
+            raise BodyError("answer names more than one devid: " + ", ".join(sorted(named)))
     time = _integer(doc.get("time"), "time")
     pout = _integer(doc.get("pout"), "pout")
     if pout not in (0, 1):
         raise BodyError("answer has a 'pout' other than 0 or 1")
+
+    if len(data) > MAX_KEYS and _data_keys(data) > MAX_KEYS:
+        raise BodyError(f"answer has more than {MAX_KEYS} data keys")
 
     readings: list[Reading] = []
     rejected: list[str] = []
@@ -139,6 +149,41 @@ def parse_body(body: bytes | str) -> Snapshot:
             )
         )
     return Snapshot(devid, time, pout, tuple(readings), tuple(rejected))
+
+
+def _data_keys(data: dict[str, Any]) -> int:
+    """The keys of `data` less the value-less br* separators (as the loop below skips them)."""
+    return sum(
+        1
+        for key, entry in data.items()
+        if not (type(entry) is dict and entry.get("value") is None and _SEPARATOR.fullmatch(key))
+    )
+
+
+def _devid(raw: Any) -> str:
+    devid = str(_integer(raw, "devid"))
+    if isinstance(raw, str):
+        devid = raw.strip()  # keep leading zeros as the meter sent them
+    return devid
+
+
+def _top_level_values(text: str, key: str) -> list[Any]:
+    """Every value of `key` in the top-level object, duplicates included (text parses)."""
+    found: list[list[Any]] = []
+
+    def pairs_hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        found.append([value for name, value in pairs if name == key])
+        return dict(pairs)
+
+    json.JSONDecoder(
+        strict=False,
+        object_pairs_hook=pairs_hook,
+        parse_int=_JsonNumber,
+        parse_float=_JsonNumber,
+        parse_constant=_JsonNumber,
+    ).decode(text)
+    # Objects end inside out: the top-level object is the last one the hook sees.
+    return found[-1] if found else []
 
 
 def _integer(value: Any, field: str) -> int:

@@ -32,6 +32,7 @@ from .config import (
 from .counters import CounterGuard
 from .discovery import DeviceInfo, Discovery, Signature, signature
 from .errors import BodyError, CommandError, MeterError, MeterHTTPError, MeterUnreachable
+from .keyset import KeyTracker
 from .meter import Exchange, MeterClient
 from .mqtt import MqttLink
 from .readings import Snapshot, parse_body
@@ -110,6 +111,8 @@ class Meter:
     resolving: bool = False
     """A thread is looking up the meter's host name; the request starts when it is done."""
     rejected_logged: set[str] = field(default_factory=set)
+    keys: KeyTracker = field(default_factory=KeyTracker)
+    """Which keys the meter stopped sending: forgotten everywhere (see keyset.py)."""
     guard: CounterGuard = field(default_factory=CounterGuard)
     """Energy counters never go down on MQTT (see counters.py)."""
     last: Snapshot | None = None
@@ -530,9 +533,12 @@ class Bridge:
         error: MeterError | None = None
         label = meter.client.label
         try:
-            snap = parse_body(exchange.result())
-            if snap.devid != meter.device.id:
-                raise BodyError(f"{label}: answered as devid {snap.devid}, not {meter.device.id}")
+            parsed = parse_body(exchange.result())
+            if parsed.devid != meter.device.id:
+                raise BodyError(f"{label}: answered as devid {parsed.devid}, not {meter.device.id}")
+            # Only now: another meter's answer must count as a failure, publish nothing
+            # and confirm no command.
+            snap = parsed
         except BodyError as exc:
             text = str(exc)
             error = exc if text.startswith(label) else BodyError(f"{label}: {text}")
@@ -569,6 +575,9 @@ class Bridge:
         for level, text in guarded.log:
             logger.log(level, "%s: %s", meter.client.label, text)
         snap = meter.last = guarded.snapshot
+        forgotten = meter.keys.update([*(r.key for r in snap.readings), *snap.rejected])
+        if forgotten:
+            self._forget(meter, forgotten)
         messages = state_messages(meter.topics, snap, relay)
         if meter.changes is not None:
             messages = meter.changes.select(
@@ -596,6 +605,23 @@ class Bridge:
                 meter.rejected_logged.add(key)
                 logger.warning("%s: key %s has no numeric value; left out", meter.client.label, key)
         return messages
+
+    def _forget(self, meter: Meter, keys: list[str]) -> None:
+        """Keys absent from 3 good reads in a row: gone from every cache, and from the broker."""
+        topics = []
+        for key in keys:
+            meter.guard.forget(key)
+            meter.rejected_logged.discard(key)
+            topic = meter.topics.forget(key)
+            if topic is not None:
+                topics.append(topic)
+        if meter.changes is not None:
+            meter.changes.forget(topics)
+        # At once, not with this turn's state: an empty payload must not be remembered.
+        self.link.clear(topics)
+        logger.debug(
+            "%s: forgot %d key(s) no longer sent: %s", meter.client.label, len(keys), ", ".join(keys)
+        )
 
     def _failed_read(self, meter: Meter, error: MeterError | None) -> list[tuple[str, bytes]]:
         text = str(error)

@@ -47,12 +47,19 @@ FAULTS: Final = (
     "pout_error",
     "odd_numbers",
     "odd_labels",
+    "wrong_devid",
+    "dup_devid",
+    "churn",
+    "many_keys",
 )
 
 # Faults that still produce a real reading: they go through the PIN and rate-limit
 # checks and count as accepted. Every other fault replaces the answer outright.
 _GOOD_FAULTS: Final = frozenset(
-    {"ok", "clean_json", "nonnumeric", "drop_wh", "pout_error", "odd_numbers", "odd_labels"}
+    {
+        "ok", "clean_json", "nonnumeric", "drop_wh", "pout_error", "odd_numbers", "odd_labels",
+        "wrong_devid", "dup_devid", "churn", "many_keys",
+    }  # fmt: skip
 )
 
 STANDARD_INTERVAL: Final = 60.0  # seconds between accepted requests (vendor page)
@@ -63,6 +70,7 @@ _HEAD_TIMEOUT: Final = 10.0  # a client that never finishes its request is dropp
 _DRIP_INTERVAL: Final = 0.5
 _HUGE_SIZE: Final = 10 * 1024 * 1024
 _HUGE_CHUNK: Final = b" " * (64 * 1024)
+_CHURN_KEYS: Final = 10  # fresh keys per read with fault "churn"
 
 _REASONS: Final = {
     200: "OK",
@@ -122,6 +130,7 @@ class SimMeter:
     _wh: list[float] = field(init=False, repr=False, compare=False)
     _t: int = field(init=False, repr=False, compare=False)
     _last_accepted: float | None = field(default=None, init=False, repr=False, compare=False)
+    _churn: int = field(default=0, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.devid.isdigit():
@@ -266,6 +275,8 @@ def _render(m: SimMeter, fault: str) -> bytes:
         vals[5] = _RAW % ("9" * 4000)  # W1
         vals[-2] = _RAW % vals[-2]  # PF of the last phase
         vals[-1] = _RAW % "1e999"  # T
+    elif fault == "wrong_devid":
+        vals[0] = _other_devid(m.devid)  # another meter answering at this meter's address
     br = _ESC_NL if fault == "clean_json" else _RAW_NL
     body = _TEMPLATES[(m.phases, m.extended, br)] % tuple(vals)
     if fault == "odd_numbers":
@@ -275,7 +286,27 @@ def _render(m: SimMeter, fault: str) -> bytes:
         # a lone surrogate and 100 characters; a second counter wh1 beside Wh1.
         body = body.replace('"name":"Voltage 1"', '"name":"Voltage\\u0007\\n1 \\ud800%s"' % ("x" * 100), 1)
         body = body.replace('"T":{', '"wh1":{"name":"Energy 1 again","unit":"Wh","value":"%d"},"T":{' % m._wh[0], 1)
+    elif fault == "dup_devid":
+        # A second devid at the end of the envelope: JSON's last duplicate wins.
+        body = body[:-1] + ',"devid":"%s"}' % _other_devid(m.devid)
+    elif fault == "churn":
+        # Key names never seen before on every read (a firmware bug or a man in the middle).
+        m._churn += 1
+        fresh = ",".join(
+            '"X%d_%d":{"name":"Churn %d","unit":"","value":"%d"}' % (m._churn, i, i, i)
+            for i in range(_CHURN_KEYS)
+        )
+        body = body[:-2] + "," + fresh + "}}"
+    elif fault == "many_keys":
+        # More data keys than a bridge keeps per meter (README: 256).
+        extra = ",".join('"N%d":{"value":"%d"}' % (i, i) for i in range(257))
+        body = body[:-2] + "," + extra + "}}"
     return body.encode()
+
+
+def _other_devid(devid: str) -> str:
+    """A devid that is not `devid`, of the same length."""
+    return str(int(devid) + 1).zfill(len(devid))[-len(devid) :]
 
 
 def _head(code: int, ctype: str, length: int | None) -> bytes:

@@ -116,6 +116,11 @@ class MeterTopics:
             topic = self._keys[key] = self.prefix + key if valid_key(key) else None
             return topic
 
+    def forget(self, key: str) -> str | None:
+        """Drop the key's cached topic (see keyset.py); its topic, or None if it has none."""
+        self._keys.pop(key, None)
+        return self.prefix + key if valid_key(key) else None
+
 
 def bridge_availability(base: str) -> str:
     return f"{base}/bridge/availability"

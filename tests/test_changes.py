@@ -44,11 +44,12 @@ def test_state_fingerprint_ignores_the_meter_clock() -> None:
         Snapshot("1", 1006, 0, (Reading("V1", "V", "V", "230.1", 230.1),)))  # the text as sent
 
 
-def test_forget_sends_everything_again() -> None:
+def test_forget_drops_only_the_given_topics() -> None:
     f = ChangeFilter(heartbeat=300)
-    f.select([("t", b"1")], 0)
-    f.forget()
-    assert f.select([("t", b"1")], 1) == [("t", b"1")]
+    f.select([("t", b"1"), ("u", b"1")], 0)
+    f.forget(["t"])
+    assert f._sent.keys() == {"u"}
+    assert f.select([("t", b"1"), ("u", b"1")], 1) == [("t", b"1")]
 
 
 @pytest.mark.parametrize("heartbeat", [0, -1, float("nan")])

@@ -99,3 +99,13 @@ def test_confirm_is_configurable() -> None:
     result = guard.apply(snap(Wh1="50"))
     assert texts(result.snapshot) == {"Wh1": "50"}
     assert [level for level, _ in result.log] == [logging.WARNING, logging.INFO]
+
+
+def test_forget_drops_what_the_guard_knew_of_a_key() -> None:
+    guard = CounterGuard()
+    guard.apply(Snapshot("1", 0, 0, (Reading("Wh1", "E", "Wh", "500", 500),)))
+    guard.forget("Wh1")
+    assert (guard._good, guard._holds, guard._kinds) == ({}, {}, {})
+    # Back later, a lower value is a new start, not a drop to hold back.
+    later = guard.apply(Snapshot("1", 9, 0, (Reading("Wh1", "E", "Wh", "5", 5),)))
+    assert later.held == ()

@@ -164,3 +164,37 @@ def test_separator_with_value_is_a_reading() -> None:
 def test_broken_bodies(body: bytes, reason: str) -> None:
     with pytest.raises(BodyError, match=reason):
         parse_body(body)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"devid": "17", "time": "1", "pout": "0", "data": {}, "devid": "18"}',
+        b'{"devid": "18", "devid": "17", "time": "1", "pout": "0", "data": {}}',
+        # The second one spelt with an escape: still the key "devid" once decoded.
+        b'{"devid": "17", "time": "1", "pout": "0", "data": {}, "dev\\u0069d": 18}',
+    ],
+)
+def test_two_devids_are_a_bad_body(body: bytes) -> None:
+    # JSON's last duplicate wins: without this the last devid would pass for the meter's.
+    with pytest.raises(BodyError, match="more than one devid: 17, 18"):
+        parse_body(body)
+
+
+def test_devid_text_elsewhere_is_no_duplicate() -> None:
+    # A repeated devid that agrees, and "devid" as a data key or label, are fine.
+    snap = parse_body(
+        b'{"devid": "17", "time": "1", "pout": "0", "devid": 17,'
+        b' "data": {"devid": {"name": "devid", "value": "5"}, "T": {"unit": "\\u00b0C", "value": "2"}}}'
+    )
+    assert snap.devid == "17"
+    assert [(r.key, r.unit) for r in snap.readings] == [("devid", ""), ("T", "°C")]
+
+
+def test_at_most_256_data_keys_separators_not_counted() -> None:
+    data: dict[str, object] = {f"K{i}": {"value": str(i)} for i in range(256)}
+    data.update({f"br{i}": {"name": "\n"} for i in range(50)})
+    assert len(parse_body(_body(data)).readings) == 256
+    data["K256"] = {"value": "n/a"}  # a key without a number counts too
+    with pytest.raises(BodyError, match="more than 256 data keys"):
+        parse_body(_body(data))

@@ -457,6 +457,22 @@ def test_fault_clean_json(make_sim: Callable[..., Simulator]) -> None:
     assert _normalize(r.text.replace("\\n", "\n")) == _normalize(SEED_BODY)
 
 
+def test_faults_of_identity_and_keys(make_sim: Callable[..., Simulator]) -> None:
+    sim = make_sim(make_fleet(1, phases=3, extended=True), tolerance=6)
+    m = first(sim)
+    other = str(int(m.devid) + 1)
+    sim.set_fault(m.devid, "wrong_devid")
+    assert json.loads(get(sim, m).text, strict=False)["devid"] == other
+    sim.set_fault(m.devid, "dup_devid")
+    pairs = json.loads(get(sim, m).text, strict=False, object_pairs_hook=list)
+    assert [v for k, v in pairs if k == "devid"] == [m.devid, other]
+    sim.set_fault(m.devid, "churn")
+    keys = [set(json.loads(get(sim, m).text, strict=False)["data"]) for _ in range(2)]
+    assert len(keys[0] - keys[1]) == len(keys[1] - keys[0]) == 10  # 10 new names each read
+    sim.set_fault(m.devid, "many_keys")
+    assert len(json.loads(get(sim, m).text, strict=False)["data"]) > 257
+
+
 def test_fault_drop_wh(make_sim: Callable[..., Simulator]) -> None:
     sim = make_sim(make_fleet(1, phases=3, extended=True), tolerance=6)
     m = first(sim)
@@ -506,7 +522,7 @@ def test_every_fault_is_covered() -> None:
     covered = {
         "ok", "refuse", "hang", "drip", "drip_head", "cut_head", "http500", "http429", "html", "truncated",
         "no_data", "nonnumeric", "huge", "clean_json", "drop_wh", "pout_error", "odd_numbers",
-        "odd_labels",
+        "odd_labels", "wrong_devid", "dup_devid", "churn", "many_keys",
     }  # fmt: skip
     assert set(FAULTS) == covered
 

@@ -104,3 +104,10 @@ def test_valid_commands(payload: bytes, action: Action) -> None:
 def test_invalid_commands(payload: bytes) -> None:
     with pytest.raises(CommandError):
         parse_command(payload)
+
+
+def test_forget_drops_a_keys_cached_topic() -> None:
+    topics = MeterTopics("b", "d")
+    assert topics.key("W1") == "b/d/W1" and topics.key("a/b") is None
+    assert (topics.forget("W1"), topics.forget("a/b")) == ("b/d/W1", None)
+    assert topics._keys == {}
