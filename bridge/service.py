@@ -533,15 +533,16 @@ class Bridge:
         error: MeterError | None = None
         label = meter.client.label
         try:
-            parsed = parse_body(exchange.result())
+            body = exchange.result()  # its errors (an oversized body too) name the meter
+            try:
+                parsed = parse_body(body)
+            except BodyError as exc:  # the parser knows no meter: name it here
+                raise BodyError(f"{label}: {exc}") from None
             if parsed.devid != meter.device.id:
                 raise BodyError(f"{label}: answered as devid {parsed.devid}, not {meter.device.id}")
             # Only now: another meter's answer must count as a failure, publish nothing
             # and confirm no command.
             snap = parsed
-        except BodyError as exc:
-            text = str(exc)
-            error = exc if text.startswith(label) else BodyError(f"{label}: {text}")
         except MeterError as exc:
             error = exc
             if isinstance(exc, MeterUnreachable):
