@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 import paho.mqtt.client as paho  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
-from bench.procstat import peak_rss_mb  # noqa: E402
+from bench.procstat import peak_rss_mb, rss_mb  # noqa: E402
 from bench.support import LOOPBACK, free_port, wait_for_port  # noqa: E402
 
 FIRST_ID = 1728100000
@@ -58,15 +58,6 @@ class BrokerStats:
     def stop(self) -> None:
         self._client.disconnect()
         self._client.loop_stop()
-
-
-def rss_mb(pid: int) -> float:
-    """Current resident set size (VmRSS) of process pid, in MiB."""
-    with open(f"/proc/{pid}/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 class ChurningMeters:

@@ -23,8 +23,21 @@ def cpu_seconds(pid: int) -> float:
 
 def peak_rss_mb(pid: int) -> float:
     """Peak resident set size (VmHWM) of process pid, in MiB."""
+    peak = _status_mb(pid, "VmHWM")
+    if peak is None:
+        raise RuntimeError(f"no VmHWM for process {pid}")
+    return peak
+
+
+def rss_mb(pid: int) -> float:
+    """Current resident set size (VmRSS) of process pid, in MiB; NaN if it has none."""
+    rss = _status_mb(pid, "VmRSS")
+    return float("nan") if rss is None else rss
+
+
+def _status_mb(pid: int, field: str) -> float | None:
     with open(f"/proc/{pid}/status", encoding="ascii") as status:
         for line in status:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmHWM for process {pid}")
+    return None
