@@ -36,7 +36,15 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from .topics import valid_key
+from .topics import (
+    bridge_availability,
+    discovery_config,
+    discovery_parts,
+    discovery_status,
+    discovery_wildcards,
+    meter_topic,
+    valid_key,
+)
 
 MANUFACTURER = "SMART MAIC"
 ORIGIN_NAME = "smartmac-bridge"
@@ -226,20 +234,20 @@ class Discovery:
     @property
     def status_topic(self) -> str:
         """Home Assistant's birth/last-will topic: `online` means "send me everything"."""
-        return f"{self.prefix}/status"
+        return discovery_status(self.prefix)
 
     def subscriptions(self) -> list[str]:
         """What to subscribe to, briefly, to find retained configs left by earlier runs."""
-        return [f"{self.prefix}/sensor/+/+/config", f"{self.prefix}/switch/+/+/config"]
+        return discovery_wildcards(self.prefix, ("sensor", "switch"))
 
     def node(self, devid: str) -> str:
         return NODE_PREFIX + devid
 
     def sensor_topic(self, devid: str, key: str) -> str:
-        return f"{self.prefix}/sensor/{NODE_PREFIX}{devid}/{key}/config"
+        return discovery_config(self.prefix, "sensor", self.node(devid), key)
 
     def relay_topic(self, devid: str) -> str:
-        return f"{self.prefix}/switch/{NODE_PREFIX}{devid}/relay/config"
+        return discovery_config(self.prefix, "switch", self.node(devid), "relay")
 
     def configs(self, device: DeviceInfo, readings: Iterable[KeyInfo]) -> Iterator[tuple[str, bytes]]:
         """Every retained config of one meter: a sensor per announced key, then the switch."""
@@ -286,11 +294,10 @@ class Discovery:
         topic must lie under our base topic: a second bridge on the same broker with another
         base topic keeps its entities.
         """
-        parts = topic.split("/")
-        head = self.prefix.split("/")
-        if len(parts) != len(head) + 4 or parts[: len(head)] != head or parts[-1] != "config":
+        parts = discovery_parts(self.prefix, topic)
+        if parts is None:
             return None
-        component, node = parts[len(head)], parts[len(head) + 1]
+        component, node, _ = parts
         if component not in ("sensor", "switch") or not node.startswith(NODE_PREFIX):
             return None
         devid = node[len(NODE_PREFIX) :]
@@ -311,8 +318,8 @@ class Discovery:
         """The fields every entity of one meter carries."""
         return {
             "availability": [
-                {"topic": f"{self.base}/bridge/availability"},
-                {"topic": f"{self.base}/{device.segment}/availability"},
+                {"topic": bridge_availability(self.base)},
+                {"topic": meter_topic(self.base, device.segment, "availability")},
             ],
             "availability_mode": "all",
             "device": {
@@ -330,7 +337,7 @@ class Discovery:
             "name": clean_label(reading.name) or reading.key,
             "unique_id": f"smartmac_{device.devid}_{reading.key}",
             "default_entity_id": "sensor." + object_id,
-            "state_topic": f"{self.base}/{device.segment}/{reading.key}",
+            "state_topic": meter_topic(self.base, device.segment, reading.key),
         }
         if cls is not None:
             config["device_class"] = cls.device_class
@@ -341,13 +348,13 @@ class Discovery:
         return _JSON.encode(config).encode()
 
     def _relay(self, device: DeviceInfo, shared: dict[str, object]) -> bytes:
-        prefix = f"{self.base}/{device.segment}/relay"
+        relay = meter_topic(self.base, device.segment, "relay")
         config: dict[str, object] = {
             "name": "Relay",
             "unique_id": f"smartmac_{device.devid}_relay",
             "default_entity_id": f"switch.smartmac_{device.devid}_relay",
-            "state_topic": prefix,
-            "command_topic": prefix + "/set",
+            "state_topic": relay,
+            "command_topic": meter_topic(self.base, device.segment, "relay/set"),
             "payload_on": "ON",
             "payload_off": "OFF",
             # The bridge ignores retained commands; HA's default is not to retain, said anyway.

@@ -1,13 +1,13 @@
-"""I/O: the HTTP client for the meters. One request chokepoint, no threads.
+"""I/O: the HTTP client for the meters, on the bridge's asyncio loop.
 
 The meter speaks plain HTTP and closes the connection after every answer, so there is
 nothing to pool or keep alive; what a request costs is the client's own work. A general
-client (requests: ~1 ms of CPU per request here) and a thread per request in flight
-would cost more than everything else the bridge does, and its per-read timeout lets a
-meter that drips its headers hold a request forever. So a request is an `Exchange`: a
-non-blocking socket that the bridge's event loop drives beside hundreds of others, with
-one deadline for the whole request (connect to last byte). `MeterClient.fetch()` runs
-one exchange on a private selector for one-off use (`probe`).
+client (requests: ~1 ms of CPU per request here, aiohttp's client more again) would cost
+more than everything else the bridge does, and a per-read timeout lets a meter that drips
+its headers hold a request forever. So a request is one `_Answer` protocol on an asyncio
+transport with one deadline for the whole request (connect to last byte), and caps on
+what the meter may send. `MeterClient.fetch()` runs one request on a loop of its own for
+one-off use (`probe`).
 
 Every fault becomes a MeterError here, whose text names the meter by host and devid. We
 build requests and error messages ourselves, so the PIN (it travels in the query string)
@@ -16,10 +16,9 @@ can never reach an exception text or a log line.
 
 from __future__ import annotations
 
-import errno
+import asyncio
 import ipaddress
 import os
-import selectors
 import socket
 import time
 from urllib.parse import quote, urlsplit
@@ -37,19 +36,26 @@ from .errors import (
 MAX_BODY = 64 * 1024
 #: Status line and headers; a meter sends a few hundred bytes.
 MAX_HEAD = 8 * 1024
-_RECV = MAX_HEAD + MAX_BODY + 1
-#: Seconds a resolved host name is reused. Meters are usually given by IP address, and
-#: name resolution blocks, so it happens off the loop (see service.py) and not per poll.
+#: Seconds a resolved host name is reused. Meters are usually given by IP address, and a
+#: lookup is a thread's work (loop.getaddrinfo), so it is not done per poll.
 RESOLVE_TTL = 300.0
 
-_IN_PROGRESS = (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN)
+Address = tuple[int, tuple[object, ...]]
+"""(family, sockaddr) as getaddrinfo gives it."""
 
 
 class MeterClient:
     """How to reach one meter: its address and its prebuilt requests."""
 
     __slots__ = (
-        "label", "host", "port", "timeout", "_requests", "_addresses", "_current", "_resolved_at",
+        "label",
+        "host",
+        "port",
+        "timeout",
+        "_requests",
+        "_addresses",
+        "_current",
+        "_resolved_at",
         "_working",
     )
 
@@ -69,36 +75,39 @@ class MeterClient:
         self._requests = {
             pout: (
                 f"GET {query}{'' if pout is None else f'&pout={pout}'} HTTP/1.0\r\n".encode()
-                + b"Host: " + host_header + b"\r\nUser-Agent: smartmac-bridge\r\n\r\n"
+                + b"Host: "
+                + host_header
+                + b"\r\nUser-Agent: smartmac-bridge\r\n\r\n"
             )
             for pout in (None, 0, 1)
         }
         literal = _literal(self.host, self.port)
-        self._addresses: list[tuple[int, tuple[object, ...]]] = [literal] if literal else []
+        self._addresses: list[Address] = [literal] if literal else []
         self._current = 0
         self._resolved_at = float("inf") if literal else float("-inf")
         #: The address the meter last answered on; None after a failure.
-        self._working: tuple[int, tuple[object, ...]] | None = None
+        self._working: Address | None = None
 
     # -- addresses ------------------------------------------------------------------------
 
-    def address(self, now: float) -> tuple[int, tuple[object, ...]] | None:
+    def address(self, now: float) -> Address | None:
         """(family, sockaddr), or None when the host name must be resolved (again) first."""
         if now - self._resolved_at > RESOLVE_TTL:
             return None
         return self._addresses[self._current]
 
-    def resolve(self, now: float | None = None) -> MeterError | None:
-        """Look the host name up (blocking: call it off the event loop). None on success.
+    async def resolve(self, now: float | None = None) -> MeterError | None:
+        """Look the host name up, off the loop (loop.getaddrinfo). None on success.
 
         The address that last worked is kept while the name still resolves to it: going
         back to the first (::1, say, with a meter on IPv4 only) would cost a failed poll
         and a warning at every lookup. `now`: the time of the lookup (default: the clock)."""
+        loop = asyncio.get_running_loop()
         try:
-            infos = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+            infos = await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
         except (OSError, UnicodeError) as exc:
             return MeterUnreachable(f"{self.label}: cannot resolve host ({_reason(exc)})")
-        addresses: list[tuple[int, tuple[object, ...]]] = []
+        addresses: list[Address] = []
         for family, _, _, _, sockaddr in infos:
             if (family, sockaddr) not in addresses:
                 addresses.append((family, sockaddr))
@@ -124,160 +133,111 @@ class MeterClient:
 
     # -- requests -----------------------------------------------------------------------
 
-    def exchange(self, pout: int | None, now: float) -> Exchange:
-        """A request ready to start: `pout` None polls, 0/1 also switches the relay."""
-        return Exchange(self, self._requests[pout], now + self.timeout)
+    async def request(self, pout: int | None = None, now: float | None = None) -> bytes:
+        """One request: `pout` None polls, 0/1 also switches the relay. The body of a
+        complete 200 answer, or raises a MeterError; `timeout` from connect to last byte.
 
-    def fetch(self, pout: int | None = None) -> bytes:
-        """One blocking request (for `probe`); the body, or a MeterError."""
-        now = time.monotonic()
-        if self.address(now) is None and (error := self.resolve()) is not None:
-            raise error
-        exchange = self.exchange(pout, now)
-        with selectors.DefaultSelector() as selector:
-            exchange.begin(selector, now)
-            while not exchange.done:
-                remaining = exchange.deadline - time.monotonic()
-                if remaining <= 0:
-                    exchange.expire()
-                    break
-                for _key, mask in selector.select(remaining):
-                    exchange.on_event(mask)
-        return exchange.result()
-
-
-class Exchange:
-    """One HTTP request on a non-blocking socket, registered with the caller's selector.
-
-    Call begin(), then on_event() for every selector event until `done`, or expire() at
-    the deadline; result() gives the body or raises the MeterError. The socket is closed
-    and unregistered as soon as the exchange is done.
-    """
-
-    __slots__ = (
-        "client", "deadline", "done", "_request", "_sock", "_selector", "_buf", "_error",
-        "_length", "_head_end", "_writing", "_tag", "_address",
-    )
-
-    def __init__(self, client: MeterClient, request: bytes, deadline: float) -> None:
-        self.client = client
-        self.deadline = deadline
-        self.done = False
-        self._request = request
-        self._sock: socket.socket | None = None
-        self._selector: selectors.BaseSelector | None = None
-        self._buf = bytearray()
-        self._error: MeterError | None = None
-        self._head_end = -1
-        self._length: int | None = None
-        self._writing = True
-        self._tag: object = None
-        self._address: tuple[int, tuple[object, ...]] | None = None
-
-    def begin(self, selector: selectors.BaseSelector, now: float, tag: object = None) -> None:
-        """Start connecting; the socket is registered with `tag` as its data (default: self)."""
-        address = self.client.address(now)
+        The host must be resolved (`address(now)`, `now` default the clock)."""
+        address = self.address(time.monotonic() if now is None else now)
         if address is None:
-            self._fail(MeterUnreachable(f"{self.client.label}: host name not resolved"))
-            return
-        self._address = address
+            raise MeterUnreachable(f"{self.label}: host name not resolved")
+        loop = asyncio.get_running_loop()
+        answer = _Answer(self.label, self._requests[pout], loop.create_future())
+        transport: asyncio.BaseTransport | None = None
         family, sockaddr = address
         try:
-            sock = socket.socket(family, socket.SOCK_STREAM)
-        except OSError as exc:  # out of file descriptors, typically
-            self._fail(MeterUnreachable(f"{self.client.label}: {_reason(exc)}"))
-            return
-        sock.setblocking(False)
-        self._sock = sock
-        try:
-            code = sock.connect_ex(sockaddr)
-            if code and code not in _IN_PROGRESS:
-                self._fail(MeterUnreachable(f"{self.client.label}: {os.strerror(code)}"))
-                return
-            self._tag = self if tag is None else tag
-            selector.register(sock, selectors.EVENT_WRITE, self._tag)
-        except OSError as exc:
-            # e.g. a scoped IPv6 address whose interface is gone (gaierror), or the
-            # selector out of room: this request fails, the loop goes on.
-            self._fail(MeterUnreachable(f"{self.client.label}: {_reason(exc)}"))
-            return
-        self._selector = selector
+            async with asyncio.timeout(self.timeout):
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                try:
+                    sock.setblocking(False)
+                    await loop.sock_connect(sock, sockaddr)
+                    # Connected: the meter listens here (a later failure forgets it again).
+                    self._working = address
+                    answer.connected = True
+                    transport, _ = await loop.create_connection(lambda: answer, sock=sock)
+                except BaseException:
+                    if transport is None:
+                        sock.close()
+                    raise
+                return await answer.body
+        except TimeoutError:
+            raise MeterUnreachable(f"{self.label}: {answer.late(self.timeout)}") from None
+        except OSError as exc:  # refused, unreachable, out of file descriptors, a gone interface
+            raise MeterUnreachable(f"{self.label}: {_reason(exc)}") from None
+        finally:
+            if transport is not None:
+                transport.abort()  # no-op once closed; else the deadline or a cap hit
 
-    def on_event(self, mask: int) -> None:
-        """The socket is ready: connect done, request out, or answer bytes in."""
-        sock = self._sock
-        if sock is None or self.done:
-            return
-        if self._writing:
-            code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if code:
-                self._fail(MeterUnreachable(f"{self.client.label}: {os.strerror(code)}"))
-                return
-            # Connected: the meter listens here (a later failure forgets it again).
-            self.client._working = self._address
-            try:
-                sent = sock.send(self._request)
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                self._fail(MeterUnreachable(f"{self.client.label}: {_reason(exc)}"))
-                return
-            self._request = self._request[sent:]
-            if self._request:
-                return  # never for a request this small, but a partial send is legal
-            self._writing = False
-            assert self._selector is not None
-            self._selector.modify(sock, selectors.EVENT_READ, self._tag)
-            return
-        try:
-            chunk = sock.recv(_RECV)
-        except BlockingIOError:
-            return
-        except OSError as exc:  # reset by the meter, typically
-            self._fail(MeterUnreachable(f"{self.client.label}: {_reason(exc)}"))
-            return
-        if not chunk:
-            self._finish(eof=True)
-            return
-        self._buf += chunk
-        self._finish(eof=False)
+    def fetch(self, pout: int | None = None) -> bytes:
+        """One request on a loop of its own (for `probe`); the body, or a MeterError."""
 
-    def expire(self) -> None:
-        """The deadline passed: give up on this request."""
-        if self.done:
+        async def run() -> bytes:
+            if self.address(time.monotonic()) is None and (error := await self.resolve()) is not None:
+                raise error
+            return await self.request(pout)
+
+        return asyncio.run(run())
+
+
+class _Answer(asyncio.Protocol):
+    """Collects one answer: the head (8 KiB cap) and the body to EOF (64 KiB cap).
+
+    `body` resolves to the body of a 200 answer, or to the MeterError."""
+
+    __slots__ = ("body", "connected", "_buf", "_head_end", "_label", "_length", "_request", "_transport")
+
+    def __init__(self, label: str, request: bytes, body: asyncio.Future[bytes]) -> None:
+        self.body = body
+        self.connected = False
+        self._label = label
+        self._request = request
+        self._buf = bytearray()
+        self._head_end = -1
+        self._length: int | None = None
+        self._transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        transport.write(self._request)
+
+    def data_received(self, data: bytes) -> None:
+        if self.body.done():
             return
-        timeout = f"{self.client.timeout:g} s"
-        if self._writing:
-            text = f"no connection within {timeout}"
-        elif not self._buf:
-            text = f"no answer within {timeout}"
+        self._buf += data
+        self._check(eof=False)
+
+    def eof_received(self) -> bool:
+        if not self.body.done():
+            self._check(eof=True)
+        return False  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.body.done():
+            return
+        if exc is not None:  # reset by the meter, typically
+            self._fail(MeterUnreachable(f"{self._label}: {_reason(exc)}"))
         else:
-            text = f"answer not complete within {timeout}"
-        self._fail(MeterUnreachable(f"{self.client.label}: {text}"))
+            self._check(eof=True)
 
-    def abort(self) -> None:
-        """Drop the request without a result (shutdown)."""
-        if not self.done:
-            self._fail(MeterUnreachable(f"{self.client.label}: request abandoned"))
-
-    def result(self) -> bytes:
-        """The body of a complete 200 answer; else raises the MeterError."""
-        if self._error is not None:
-            raise self._error
-        if not self.done:
-            raise RuntimeError("exchange still running")
-        return bytes(self._buf[self._head_end :])
+    def late(self, timeout: float) -> str:
+        """What the deadline cut off, in words."""
+        if not self.connected:
+            return f"no connection within {timeout:g} s"
+        if not self._buf:
+            return f"no answer within {timeout:g} s"
+        return f"answer not complete within {timeout:g} s"
 
     # -- internals ------------------------------------------------------------------------
 
-    def _finish(self, *, eof: bool) -> None:
-        """Check what has arrived; close when the answer is complete or cannot be."""
+    def _check(self, *, eof: bool) -> None:
+        """Check what has arrived; resolve `body` when the answer is complete or cannot be."""
         buf = self._buf
         if self._head_end < 0:
             end, gap = _head_end(buf)
             if end < 0 or end > MAX_HEAD:
                 if len(buf) > MAX_HEAD:
-                    self._fail(BodyError(f"{self.client.label}: answer headers too long"))
+                    self._fail(BodyError(f"{self._label}: answer headers too long"))
                 elif eof:
                     self._fail(self._cut_short())
                 return
@@ -288,7 +248,7 @@ class Exchange:
             self._head_end = end + gap
         body = len(buf) - self._head_end
         if body > MAX_BODY:
-            self._fail(BodyError(f"{self.client.label}: answer longer than {MAX_BODY} bytes"))
+            self._fail(BodyError(f"{self._label}: answer longer than {MAX_BODY} bytes"))
             return
         length = self._length
         if length is not None and body >= length:
@@ -296,51 +256,44 @@ class Exchange:
         elif not eof:
             return  # more to come
         elif length is not None:
-            self._fail(BodyError(f"{self.client.label}: answer cut short"))
+            self._fail(BodyError(f"{self._label}: answer cut short"))
             return
+        self.body.set_result(bytes(buf[self._head_end :]))
         self._close()
 
     def _parse_head(self, head: bytes) -> MeterError | None:
         lines = [line.rstrip(b"\r") for line in head.split(b"\n")]
         status = lines[0].split(None, 2)
         if len(status) < 2 or not status[0].startswith(b"HTTP/") or not status[1].isdigit():
-            return BodyError(f"{self.client.label}: answer is not HTTP")
+            return BodyError(f"{self._label}: answer is not HTTP")
         code = int(status[1])
         if code != 200:
-            return _status_error(self.client.label, code)
+            return _status_error(self._label, code)
         for line in lines[1:]:
             name, _, value = line.partition(b":")
             name = name.strip().lower()
             if name == b"content-length":
                 text = value.strip()
                 if not text.isdigit():
-                    return BodyError(f"{self.client.label}: answer has a bad Content-Length")
+                    return BodyError(f"{self._label}: answer has a bad Content-Length")
                 self._length = int(text)
             elif name == b"transfer-encoding" and value.strip().lower() != b"identity":
                 # Not allowed in an answer to HTTP/1.0; no meter has been seen to do it.
-                return BodyError(f"{self.client.label}: answer uses a transfer encoding")
+                return BodyError(f"{self._label}: answer uses a transfer encoding")
         return None
 
     def _cut_short(self) -> MeterError:
         if not self._buf:
-            return MeterUnreachable(f"{self.client.label}: connection closed without an answer")
-        return BodyError(f"{self.client.label}: answer cut short")
+            return MeterUnreachable(f"{self._label}: connection closed without an answer")
+        return BodyError(f"{self._label}: answer cut short")
 
     def _fail(self, error: MeterError) -> None:
-        self._error = error
+        self.body.set_exception(error)
         self._close()
 
     def _close(self) -> None:
-        self.done = True
-        sock, self._sock = self._sock, None
-        if sock is None:
-            return
-        if self._selector is not None:
-            try:
-                self._selector.unregister(sock)
-            except (KeyError, ValueError):
-                pass
-        sock.close()
+        if self._transport is not None:
+            self._transport.abort()  # at once: nothing more is read, nothing is sent
 
 
 def _head_end(buf: bytearray) -> tuple[int, int]:
@@ -366,7 +319,7 @@ def _status_error(label: str, status: int) -> MeterError:
     return MeterHTTPError(f"{label}: HTTP {status}", status=status)
 
 
-def _literal(host: str, port: int) -> tuple[int, tuple[object, ...]] | None:
+def _literal(host: str, port: int) -> Address | None:
     """(family, sockaddr) for an IP address literal; None for a host name."""
     try:
         ip = ipaddress.ip_address(host)
@@ -378,6 +331,10 @@ def _literal(host: str, port: int) -> tuple[int, tuple[object, ...]] | None:
 
 
 def _reason(exc: BaseException) -> str:
-    # The OS's own words ("Connection reset by peer"); our requests never carry a URL
-    # into an OSError, but the strerror is all we pass on anyway.
+    # The OS's own words for the error number ("Connection refused"): asyncio's connect
+    # errors put the address in strerror ("Connect call failed ('127.0.0.1', 80)").
+    # Nothing else of an exception is passed on, so no request (and no PIN) ever is.
+    number = getattr(exc, "errno", None)
+    if isinstance(number, int) and number > 0:
+        return os.strerror(number)
     return getattr(exc, "strerror", None) or type(exc).__name__

@@ -14,6 +14,8 @@ thread per message, more than everything else a poll costs. See _RawPublisher.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import inspect
 import logging
 import ssl
@@ -42,7 +44,15 @@ def host_port(host: str, port: int) -> str:
 
 
 class MqttLink:
-    """One connection to the broker, kept up for the life of the bridge."""
+    """One connection to the broker, kept up for the life of the bridge.
+
+    paho runs on the bridge's asyncio loop as paho documents for external loops: its
+    socket's readiness calls loop_read / loop_write, a timer calls loop_misc (keepalive),
+    and every callback (a message, a connect) runs on the loop. Only the connect itself
+    (DNS, TCP, TLS handshake: all blocking inside paho) runs in the loop's executor; the
+    socket callbacks it fires there hop to the loop. Every method is for the loop's
+    thread, so the link needs no lock.
+    """
 
     def __init__(
         self,
@@ -64,7 +74,6 @@ class MqttLink:
         self._subscriptions = subscriptions
         self._on_message = on_message
         self._on_connect = on_connect
-        self._lock = threading.Lock()
         self._retained: dict[str, bytes] = {}
         # While the broker is away: topics first remembered since (they never reached it),
         # and remembered topics cleared since (they may still be retained there). Both hold
@@ -76,7 +85,17 @@ class MqttLink:
         self._refused = False
         self._last_problem: str | None = None
         self.connected = threading.Event()
-        """Set while connected to the broker."""
+        """Set while connected to the broker (other threads may wait on it)."""
+        # The loop, its thread, paho's socket (and its fd: paho may close it before a
+        # callback from the executor reaches the loop), the task that keeps connecting.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = 0
+        self._sock: object = None
+        self._fd = -1
+        self._down = asyncio.Event()
+        self._keeper: asyncio.Task[None] | None = None
+        self._misc: asyncio.TimerHandle | None = None
+        self._published: dict[int, asyncio.Future[None]] = {}
 
         client = paho.Client(
             CallbackAPIVersion.VERSION2,
@@ -104,74 +123,197 @@ class MqttLink:
                 ) from None
             client.tls_insecure_set(tls.insecure)
         client.will_set(will_topic, b"offline", qos=1, retain=True)
-        client.reconnect_delay_set(min_delay=1, max_delay=30)
         client.on_connect = self._handle_connect
-        client.on_connect_fail = self._handle_connect_fail
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
+        client.on_publish = self._handle_publish
+        client.on_socket_open = self._socket_open
+        client.on_socket_close = self._socket_close
+        client.on_socket_register_write = self._socket_want_write
+        client.on_socket_unregister_write = self._socket_done_writing
         self._client = client
         self._raw = _RawPublisher.attach(client) if self._qos == 0 else None
 
-    def start(self) -> None:
-        """Connect in the background; paho keeps retrying until stop()."""
+    # -- life cycle (on the loop) -------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Connect in the background, on `loop` (call this on its thread); paho's
+        reconnects follow until close()."""
+        self._loop = loop
+        self._thread = threading.get_ident()
         logger.info("connecting to MQTT broker %s", self.broker)
         self._client.connect_async(self._host, self._port, keepalive=self._keepalive)
-        self._client.loop_start()
+        self._keeper = loop.create_task(self._keep_connected(), name="mqtt-connect")
+        self._misc = loop.call_later(1.0, self._tick)
 
-    def stop(self, final: list[tuple[str, bytes]], timeout: float = 2.0) -> None:
-        """Publish the `final` retained messages (offline states), disconnect, stop the loop.
+    async def close(self, final: list[tuple[str, bytes]], timeout: float = 2.0) -> None:
+        """Publish the `final` retained messages (offline states), disconnect, stop.
 
         Waits at most `timeout` in all for the broker to take them: a stalled broker must
         not hold up the exit (the last will says offline for the bridge then)."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + timeout
         last = None
-        with self._lock:
-            for topic, payload in final:
-                self._retained[topic] = payload
-                if self._connected:
-                    last = self._client.publish(topic, payload, qos=1, retain=True)
-            self._connected = False  # nothing more goes out after the final words
-            self._stopped = True
-        if last is not None:
-            try:
-                # paho sends in order, so the last one acknowledged means all were sent.
-                last.wait_for_publish(timeout)
-            except (RuntimeError, ValueError):
-                pass  # the connection went away meanwhile
-        self._client.disconnect()
-        self._client.loop_stop()
+        for topic, payload in final:
+            self._retained[topic] = payload
+            if self._connected:
+                last = self._client.publish(topic, payload, qos=1, retain=True)
+        self._connected = False  # nothing more goes out after the final words
+        self._stopped = True
+        if self._keeper is not None:
+            self._keeper.cancel()
+        if last is not None and last.rc == MQTTErrorCode.MQTT_ERR_SUCCESS and not last.is_published():
+            # paho sends in order, so the last one acknowledged means all were sent.
+            done = self._published.setdefault(last.mid, loop.create_future())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done, max(0.0, until - loop.time()))
+        if self._fd >= 0:
+            self._down.clear()
+            self._client.disconnect()  # written by the loop, then the socket closes
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._down.wait(), max(0.1, until - loop.time()))
+        if self._misc is not None:
+            self._misc.cancel()
+        if self._fd >= 0:  # the broker did not take the DISCONNECT in time
+            self._forget_socket()
         self.connected.clear()
+
+    async def _keep_connected(self) -> None:
+        """Connect, and again after every loss, 1 s after it and doubling up to 30 s while
+        attempts fail (paho's own loop does the same, which this one replaces)."""
+        loop = asyncio.get_running_loop()
+        delay = _MIN_DELAY
+        while not self._stopped:
+            self._down.clear()
+            try:
+                # Blocking inside paho (lookup, TCP, TLS handshake): the executor's.
+                await loop.run_in_executor(None, self._client.reconnect)
+            except (OSError, ssl.CertificateError, ValueError) as exc:
+                logger.debug("connect to %s failed: %s", self.broker, type(exc).__name__)
+                self._problem(f"cannot reach MQTT broker {self.broker}; retrying")
+            else:
+                await self._down.wait()  # until the connection is lost
+                if self._stopped:
+                    return
+                if self._was_up:
+                    delay = _MIN_DELAY
+            self._was_up = False
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _MAX_DELAY)
+
+    _was_up = False
+
+    def _tick(self) -> None:
+        """paho's keepalive and CONNACK timeout, once a second."""
+        assert self._loop is not None
+        try:
+            if self._fd >= 0:
+                self._client.loop_misc()
+        except Exception:
+            logger.exception("error in the MQTT link's keepalive")
+        if not self._stopped or self._fd >= 0:
+            self._misc = self._loop.call_later(1.0, self._tick)
+
+    # -- paho's socket, on the loop -------------------------------------------------------
+
+    def _on_loop(self, call: Callable[..., None], *args: object) -> None:
+        """Run `call` on the loop: now if this is its thread, else as its next callback
+        (paho fires socket callbacks from the executor while it connects)."""
+        if threading.get_ident() == self._thread:
+            call(*args)
+        elif self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to do
+                self._loop.call_soon_threadsafe(call, *args)
+
+    def _socket_open(self, client: paho.Client, userdata: object, sock: object) -> None:
+        self._on_loop(self._opened, sock)
+
+    def _opened(self, sock: object) -> None:
+        fd = sock.fileno()  # type: ignore[attr-defined]  # a socket or an SSLSocket
+        if fd < 0:
+            return  # closed again before this reached the loop
+        assert self._loop is not None
+        self._forget_socket()
+        self._sock, self._fd = sock, fd
+        self._loop.add_reader(fd, self._readable)
+        if self._client.want_write():  # queued before the loop knew the socket
+            self._loop.add_writer(fd, self._writable)
+
+    def _socket_close(self, client: paho.Client, userdata: object, sock: object) -> None:
+        self._on_loop(self._closed, sock)
+
+    def _closed(self, sock: object) -> None:
+        if sock is self._sock:
+            self._forget_socket()
+            self._down.set()
+
+    def _forget_socket(self) -> None:
+        if self._fd >= 0 and self._loop is not None:
+            self._loop.remove_reader(self._fd)
+            self._loop.remove_writer(self._fd)
+        self._sock, self._fd = None, -1
+
+    def _socket_want_write(self, client: paho.Client, userdata: object, sock: object) -> None:
+        self._on_loop(self._want_write, sock)
+
+    def _want_write(self, sock: object) -> None:
+        if sock is self._sock and self._loop is not None:
+            self._loop.add_writer(self._fd, self._writable)
+
+    def _socket_done_writing(self, client: paho.Client, userdata: object, sock: object) -> None:
+        self._on_loop(self._done_writing, sock)
+
+    def _done_writing(self, sock: object) -> None:
+        if sock is self._sock and self._loop is not None:
+            self._loop.remove_writer(self._fd)
+
+    def _readable(self) -> None:
+        client, sock = self._client, self._sock
+        try:
+            client.loop_read()
+            # TLS: a record may hold more than paho read; the socket will not say so again.
+            while sock is self._sock and isinstance(sock, ssl.SSLSocket) and sock.pending():
+                client.loop_read()
+        except Exception:
+            logger.exception("error reading from MQTT broker %s", self.broker)
+
+    def _writable(self) -> None:
+        try:
+            self._client.loop_write()
+        except Exception:
+            logger.exception("error writing to MQTT broker %s", self.broker)
+
+    # -- publishing -------------------------------------------------------------------------
 
     def publish_many(self, messages: list[tuple[str, bytes]]) -> None:
         """Publish retained messages and remember them for the replay after a reconnect."""
-        with self._lock:
-            if not self._connected:
-                retained = self._retained
-                self._unsent.update(topic for topic, _ in messages if topic not in retained)
-                retained.update(messages)
-                return
-            self._retained.update(messages)
-            self._send_retained(messages)
+        if not self._connected:
+            retained = self._retained
+            self._unsent.update(topic for topic, _ in messages if topic not in retained)
+            retained.update(messages)
+            return
+        self._retained.update(messages)
+        self._send_retained(messages)
 
     def clear(self, topics: list[str]) -> None:
         """Clear retained topics on the broker (an empty retained payload) and forget them:
         they are not replayed, and their encoded form is dropped."""
         if not topics:
             return
-        with self._lock:
-            retained = self._retained
-            for topic in topics:
-                if retained.pop(topic, None) is not None and not self._connected:
-                    if topic in self._unsent:
-                        self._unsent.discard(topic)  # never sent: nothing to clear
-                    else:
-                        self._clears.add(topic)  # cleared on the next connect
-            if self._raw is not None:
-                self._raw.forget(topics)
-            if self._connected:
-                self._send_retained([(topic, b"") for topic in topics], cache=False)
+        retained = self._retained
+        for topic in topics:
+            if retained.pop(topic, None) is not None and not self._connected:
+                if topic in self._unsent:
+                    self._unsent.discard(topic)  # never sent: nothing to clear
+                else:
+                    self._clears.add(topic)  # cleared on the next connect
+        if self._raw is not None:
+            self._raw.forget(topics)
+        if self._connected:
+            self._send_retained([(topic, b"") for topic in topics], cache=False)
 
     def _send_retained(self, messages: list[tuple[str, bytes]], *, cache: bool = True) -> None:
-        """Connected, under the lock: the messages, retained, at the link's QoS."""
+        """Connected: the messages, retained, at the link's QoS."""
         if self._raw is not None:
             self._raw.publish_retained(messages, cache=cache)
             return
@@ -182,14 +324,8 @@ class MqttLink:
     def publish_volatile(self, messages: list[tuple[str, bytes]]) -> None:
         """Retained messages the caller regenerates after every connect (see `on_connect`):
         not remembered here, and dropped while the broker is away."""
-        with self._lock:
-            if not self._connected:
-                return
-            if self._raw is not None:
-                self._raw.publish_retained(messages, cache=False)
-                return
-            for topic, payload in messages:
-                self._client.publish(topic, payload, qos=self._qos, retain=True)
+        if self._connected:
+            self._send_retained(messages, cache=False)
 
     def subscribe(self, topics: list[str]) -> None:
         """Subscribe for this connection only (not renewed on reconnect)."""
@@ -206,7 +342,7 @@ class MqttLink:
         if result.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             logger.debug("could not publish %s now (%s)", topic, result.rc)
 
-    # -- paho callbacks (on paho's network thread) ------------------------------------
+    # -- paho callbacks (on the loop) -----------------------------------------------------
 
     def _handle_connect(
         self,
@@ -218,7 +354,7 @@ class MqttLink:
     ) -> None:
         try:
             self._connected_to_broker(client, reason)
-        except Exception:  # an exception here would end paho's thread, and reconnecting
+        except Exception:  # paho would swallow it, and the replay with it: say so
             logger.exception("error after connecting to %s", self.broker)
 
     def _connected_to_broker(self, client: paho.Client, reason: ReasonCode) -> None:
@@ -227,28 +363,26 @@ class MqttLink:
             self._refused = True  # the disconnect that follows needs no words of its own
             self._problem(f"MQTT broker {self.broker} refused the connection: {reason}")
             return
+        self._was_up = True
         for topic in self._subscriptions:
             client.subscribe(topic, qos=1)
-        with self._lock:
-            self._connected = True
-            _drop_unsent_retained(client)
-            # Everything retained, again: after a broker restart it is all gone. (Under
-            # the lock, so no newer value can go out before the older replayed one; as one
-            # buffer at QoS 0, so 90,000 topics take 0.1 s rather than 2 s of it.)
-            if self._clears:
-                self._send_retained([(topic, b"") for topic in self._clears], cache=False)
-                self._clears.clear()
-            self._unsent.clear()
-            self._send_retained(list(self._retained.items()))
-            count = len(self._retained)
+        self._connected = True
+        _drop_unsent_retained(client)
+        # Everything retained, again: after a broker restart it is all gone. (Before any
+        # newer value can go out; as one buffer at QoS 0, so 90,000 topics take 0.1 s
+        # rather than 2 s of the loop.)
+        if self._clears:
+            self._send_retained([(topic, b"") for topic in self._clears], cache=False)
+            self._clears.clear()
+        self._unsent.clear()
+        self._send_retained(list(self._retained.items()))
         self.connected.set()
         self._last_problem = None
-        logger.info("connected to MQTT broker %s; republished %d retained topics", self.broker, count)
+        logger.info(
+            "connected to MQTT broker %s; republished %d retained topics", self.broker, len(self._retained)
+        )
         if self._on_connect is not None:
             self._on_connect()
-
-    def _handle_connect_fail(self, client: paho.Client, userdata: object) -> None:
-        self._problem(f"cannot reach MQTT broker {self.broker}; retrying")
 
     def _handle_disconnect(
         self,
@@ -258,9 +392,9 @@ class MqttLink:
         reason: ReasonCode,
         properties: object,
     ) -> None:
-        with self._lock:
-            was_connected, self._connected = self._connected, False
+        was_connected, self._connected = self._connected, False
         self.connected.clear()
+        self._down.set()
         # paho gives up on a silent broker after the keepalive, before as after the CONNACK.
         silent = reason == _KEEPALIVE_TIMEOUT
         if was_connected and silent:
@@ -288,8 +422,15 @@ class MqttLink:
     def _handle_message(self, client: paho.Client, userdata: object, message: paho.MQTTMessage) -> None:
         try:
             self._on_message(message.topic, message.payload, bool(message.retain))
-        except Exception:  # a bug in a handler must not kill paho's network thread
+        except Exception:  # a bug in a handler must not cost the messages after it
             logger.exception("error handling a message on %s", message.topic)
+
+    def _handle_publish(
+        self, client: paho.Client, userdata: object, mid: int, reason: ReasonCode, properties: object
+    ) -> None:
+        done = self._published.pop(mid, None)
+        if done is not None and not done.done():
+            done.set_result(None)
 
     def _problem(self, text: str) -> None:
         # Once per change of state; repeats go to debug so a long outage does not flood.
@@ -299,6 +440,9 @@ class MqttLink:
         else:
             logger.debug("%s", text)
 
+
+_MIN_DELAY = 1.0  # seconds before the first reconnect attempt
+_MAX_DELAY = 30.0  # the longest wait between attempts
 
 # The reason paho gives on_disconnect when nothing came back within the keepalive.
 _KEEPALIVE_TIMEOUT = ReasonCode(PacketTypes.DISCONNECT, "Keep alive timeout")

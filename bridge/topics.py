@@ -101,7 +101,7 @@ class MeterTopics:
     _keys: dict[str, str | None] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.prefix = f"{self.base}/{self.segment}/"
+        self.prefix = meter_topic(self.base, self.segment, "")
         self.availability = self.prefix + "availability"
         self.state = self.prefix + "state"
         self.relay = self.prefix + "relay"
@@ -120,6 +120,11 @@ class MeterTopics:
         """Drop the key's cached topic (see keyset.py); its topic, or None if it has none."""
         self._keys.pop(key, None)
         return self.prefix + key if valid_key(key) else None
+
+
+def meter_topic(base: str, segment: str, leaf: str) -> str:
+    """B/D/LEAF: a key, `availability`, `relay`, ... of one meter."""
+    return f"{base}/{segment}/{leaf}"
 
 
 def bridge_availability(base: str) -> str:
@@ -210,3 +215,30 @@ def parse_command(payload: bytes) -> Action:
         raise CommandError('JSON command needs {"state": "ON"|"OFF"|"TOGGLE"}')
     shown = text if len(text) <= 32 else text[:32] + "..."
     raise CommandError(f"unknown command {shown!r}: use ON, OFF or TOGGLE")
+
+
+# -- Home Assistant's discovery topics, under its prefix (default `homeassistant`) --------
+
+
+def discovery_status(prefix: str) -> str:
+    """Home Assistant's birth/last-will topic."""
+    return f"{prefix}/status"
+
+
+def discovery_config(prefix: str, component: str, node: str, object_id: str) -> str:
+    """<prefix>/<component>/<node>/<object_id>/config."""
+    return f"{prefix}/{component}/{node}/{object_id}/config"
+
+
+def discovery_wildcards(prefix: str, components: Iterable[str]) -> list[str]:
+    """Subscriptions matching every config of these components."""
+    return [discovery_config(prefix, component, "+", "+") for component in components]
+
+
+def discovery_parts(prefix: str, topic: str) -> tuple[str, str, str] | None:
+    """(component, node, object_id) of a config topic under `prefix`, else None."""
+    parts = topic.split("/")
+    head = prefix.split("/")
+    if len(parts) != len(head) + 4 or parts[: len(head)] != head or parts[-1] != "config":
+        return None
+    return parts[len(head)], parts[len(head) + 1], parts[len(head) + 2]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import selectors
+import asyncio
 import socket
 import threading
 import time
@@ -186,7 +186,7 @@ def test_the_next_address_of_a_name_is_tried_after_a_failure(setup: tuple[Simula
     # "localhost" may resolve to ::1 first while the meter listens on 127.0.0.1 only.
     sim, meter = setup
     c = MeterClient(f"http://localhost:{sim.port}", meter.devid, PIN, timeout=1)
-    assert c.resolve() is None
+    assert _resolve(c) is None
     dead = (socket.AF_INET, (LOOPBACK, free_port()))
     c._addresses = [dead, (socket.AF_INET, (LOOPBACK, sim.port))]  # the first one is dead
     with pytest.raises(MeterUnreachable, match="Connection refused"):
@@ -203,16 +203,12 @@ def test_a_scoped_ipv6_address_without_its_interface_is_a_meter_error() -> None:
 
 
 def _exchange(c: MeterClient, now: float) -> bytes:
-    """One request at the hand-moved time `now`, driven on a private selector."""
-    exchange = c.exchange(None, now)
-    with selectors.DefaultSelector() as selector:
-        exchange.begin(selector, now)
-        while not exchange.done:
-            events = selector.select(2)
-            assert events, "the exchange made no progress"
-            for _key, mask in events:
-                exchange.on_event(mask)
-    return exchange.result()
+    """One request at the hand-moved time `now` (which picks the address)."""
+    return asyncio.run(c.request(None, now))
+
+
+def _resolve(c: MeterClient, now: float | None = None) -> MeterError | None:
+    return asyncio.run(c.resolve(now))
 
 
 def test_re_resolution_keeps_the_address_that_worked(
@@ -234,7 +230,7 @@ def test_re_resolution_keeps_the_address_that_worked(
     monkeypatch.setattr(socket, "getaddrinfo", resolver)
     c = MeterClient(f"http://{name}:{sim.port}", meter.devid, PIN, timeout=1)
     now = 1000.0
-    assert c.address(now) is None and c.resolve(now) is None
+    assert c.address(now) is None and _resolve(c, now) is None
     with pytest.raises(MeterUnreachable):
         _exchange(c, now)  # ::1: nobody listens there
     c.forget_address()
@@ -243,7 +239,7 @@ def test_re_resolution_keeps_the_address_that_worked(
 
     now += RESOLVE_TTL + 1
     assert c.address(now) is None  # the name is looked up again...
-    assert c.resolve(now) is None
+    assert _resolve(c, now) is None
     assert c.address(now) == answer[1]  # ...and the working address kept
     assert parse_body(_exchange(c, now)).devid == meter.devid  # no failed request first
     assert (meter.requests, meter.ok) == (2, 2)
@@ -251,6 +247,6 @@ def test_re_resolution_keeps_the_address_that_worked(
     # Once the name no longer resolves to it, the first address is tried again.
     answer.pop()
     now += RESOLVE_TTL + 1
-    assert c.address(now) is None and c.resolve(now) is None
+    assert c.address(now) is None and _resolve(c, now) is None
     assert c.address(now) == answer[0]
 

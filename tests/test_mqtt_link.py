@@ -4,6 +4,7 @@ after its CONNACK; and the broker's address as the log writes it, IPv6 included.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import shutil
 import socket
@@ -59,12 +60,32 @@ class SilentBroker:
             conn.close()
 
 
+class Loop:
+    """An asyncio loop on a thread of its own, as the bridge runs one."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(BOUND)
+
+
 @pytest.fixture
 def links() -> Iterator[list[MqttLink]]:
     started: list[MqttLink] = []
+    loop = Loop()
+    started_on[id(started)] = loop
     yield started
     for link in started:
-        link.stop([], timeout=0.5)
+        asyncio.run_coroutine_threadsafe(link.close([], timeout=0.5), loop.loop).result(BOUND)
+    loop.close()
+    del started_on[id(started)]
+
+
+started_on: dict[int, Loop] = {}
 
 
 def start_link(links: list[MqttLink], host: str, port: int, **options: object) -> MqttLink:
@@ -77,7 +98,8 @@ def start_link(links: list[MqttLink], host: str, port: int, **options: object) -
         on_message=lambda topic, payload, retain: None,
         **options,  # type: ignore[arg-type]
     )
-    link.start()
+    loop = started_on[id(links)].loop
+    loop.call_soon_threadsafe(link.start, loop)
     links.append(link)
     return link
 
