@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from . import __version__
 from .changes import ChangeFilter, state_fingerprint
+from .commands import Action, parse_command, result_error, result_ok
 from .config import (
     DeviceSettings,
     HomeAssistantSettings,
@@ -41,7 +42,6 @@ from .schedule import Scheduler
 from .topics import (
     OFFLINE,
     ONLINE,
-    Action,
     MeterTopics,
     Relay,
     bridge_availability,
@@ -49,11 +49,8 @@ from .topics import (
     command_segment,
     command_subscription,
     info_payload,
-    parse_command,
     pout_for,
     relay_from_pout,
-    result_error,
-    result_ok,
     state_messages,
 )
 
