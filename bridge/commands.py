@@ -165,7 +165,8 @@ class RelayCommands:
         return Received((), target)
 
     def begin(self, *, sent: bool = True) -> Relay | None:
-        """A request starts and carries the waiting command, if any: the target to send.
+        """A request starts and carries the waiting command, if any: the target to send
+        (as `&pout=topics.pout_for(target, relay_inverted)`).
 
         None: nothing to switch, or the last switching request got an HTTP error and this
         one only reads the relay (see end). `sent=False`: the request failed before it went
@@ -209,7 +210,9 @@ class RelayCommands:
         if not results:
             return expired
         return Outcome(
-            (*results, *expired.results), settled or expired.settled, expired.expired
+            (*results, *expired.results),
+            settled=settled or expired.settled,
+            expired=expired.expired,
         )
 
     def expire(self, now: float, last_error: str | None, *, in_flight: bool) -> Outcome:

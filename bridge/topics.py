@@ -1,4 +1,5 @@
-"""PURE: what goes on which topic, and what a command payload means.
+"""PURE: the topic layout (all of it, Home Assistant's discovery topics too); the relay as
+the meter reports it.
 
 Topic strings are built once per meter (and once per key) and reused on every poll: at a
 few hundred polls a second, string building is measurable.
@@ -11,7 +12,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 
-from .errors import CommandError
 from .readings import Snapshot
 
 ONLINE = b"online"
@@ -19,7 +19,6 @@ OFFLINE = b"offline"
 
 # Sub-topics of a meter that a data key must not shadow (B/D/<key> would land on them).
 _RESERVED_KEYS = frozenset({"state", "relay", "availability"})
-_MAX_COMMAND = 256
 #: The longest topic level (a data key, a meter's segment): no real key comes near this,
 #: and with it base + segment + key stay far below MQTT's 65535 bytes per topic.
 MAX_LEVEL = 256
@@ -31,12 +30,6 @@ class Relay(str, Enum):
 
     def inverse(self) -> Relay:
         return Relay.OFF if self is Relay.ON else Relay.ON
-
-
-class Action(str, Enum):
-    ON = "ON"
-    OFF = "OFF"
-    TOGGLE = "TOGGLE"
 
 
 def relay_from_pout(pout: int, inverted: bool) -> Relay:
@@ -172,49 +165,6 @@ def state_messages(topics: MeterTopics, snap: Snapshot, relay: Relay) -> list[tu
 
 def info_payload(version: str, devices: Iterable[dict[str, object]]) -> bytes:
     return json.dumps({"version": version, "devices": list(devices)}).encode()
-
-
-def result_ok(relay: Relay) -> bytes:
-    return json.dumps({"ok": True, "relay": relay.value}).encode()
-
-
-def result_error(error: str) -> bytes:
-    return json.dumps({"ok": False, "error": error}).encode()
-
-
-_WORDS = {
-    "ON": Action.ON,
-    "OFF": Action.OFF,
-    "TOGGLE": Action.TOGGLE,
-    "1": Action.ON,
-    "0": Action.OFF,
-    "TRUE": Action.ON,
-    "FALSE": Action.OFF,
-}
-
-
-def parse_command(payload: bytes) -> Action:
-    """ON/OFF/TOGGLE (any case), 1/0, true/false, or {"state": "ON"|"OFF"|"TOGGLE"}."""
-    if len(payload) > _MAX_COMMAND:
-        raise CommandError(f"payload too long ({len(payload)} bytes)")
-    try:
-        text = payload.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        raise CommandError("payload is not UTF-8 text") from None
-    action = _WORDS.get(text.upper())
-    if action is not None:
-        return action
-    if text.startswith("{"):
-        try:
-            doc = json.loads(text)
-        except (ValueError, RecursionError):
-            raise CommandError("payload is not valid JSON") from None
-        state = doc.get("state") if isinstance(doc, dict) else None
-        if isinstance(state, str) and state.strip().upper() in ("ON", "OFF", "TOGGLE"):
-            return Action(state.strip().upper())
-        raise CommandError('JSON command needs {"state": "ON"|"OFF"|"TOGGLE"}')
-    shown = text if len(text) <= 32 else text[:32] + "..."
-    raise CommandError(f"unknown command {shown!r}: use ON, OFF or TOGGLE")
 
 
 # -- Home Assistant's discovery topics, under its prefix (default `homeassistant`) --------

@@ -1,4 +1,4 @@
-"""topics: topic mapping, state payloads and command parsing."""
+"""topics: topic mapping, state payloads, relay polarity."""
 
 from __future__ import annotations
 
@@ -7,14 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from bridge.errors import CommandError
 from bridge.readings import parse_body
 from bridge.topics import (
-    Action,
     MeterTopics,
     Relay,
     command_segment,
-    parse_command,
     pout_for,
     relay_from_pout,
     state_messages,
@@ -81,29 +78,6 @@ def test_relay_polarity(pout: int, inverted: bool, relay: Relay) -> None:
 )
 def test_command_segment(topic: str, segment: str | None) -> None:
     assert command_segment("smartmac", topic) == segment
-
-
-@pytest.mark.parametrize(
-    ("payload", "action"),
-    [
-        (b"ON", Action.ON), (b"on", Action.ON), (b" On \n", Action.ON), (b"1", Action.ON),
-        (b"true", Action.ON), (b"TRUE", Action.ON), (b"OFF", Action.OFF), (b"0", Action.OFF),
-        (b"false", Action.OFF), (b"toggle", Action.TOGGLE), (b'{"state": "ON"}', Action.ON),
-        (b'{"state":"off"}', Action.OFF), (b'{"state": "TOGGLE"}', Action.TOGGLE),
-    ],
-)
-def test_valid_commands(payload: bytes, action: Action) -> None:
-    assert parse_command(payload) is action
-
-
-@pytest.mark.parametrize(
-    "payload",
-    [b"", b"2", b"yes", b"ONN", b"{}", b'{"state": 1}', b'{"state": "DIM"}', b"{bad", b"[1]",
-     b'"ON"', b"\xff\xfe", b"O" * 300, b"{" * 5000, b"null", b"1.0"],
-)
-def test_invalid_commands(payload: bytes) -> None:
-    with pytest.raises(CommandError):
-        parse_command(payload)
 
 
 def test_forget_drops_a_keys_cached_topic() -> None:

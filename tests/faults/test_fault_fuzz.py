@@ -16,15 +16,10 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bridge.commands import Action, parse_command
 from bridge.errors import BodyError, CommandError
 from bridge.readings import Snapshot, parse_body
-from bridge.topics import (
-    Action,
-    MeterTopics,
-    parse_command,
-    relay_from_pout,
-    state_messages,
-)
+from bridge.topics import MeterTopics, relay_from_pout, state_messages
 
 SEED = (Path(__file__).resolve().parent.parent / "fixtures" / "seed_3phase_extended.body").read_bytes()
 SEED_DOC: dict[str, Any] = json.loads(SEED, strict=False)
