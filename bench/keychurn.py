@@ -119,7 +119,9 @@ class ChurningMeters:
                 body, status = self.body(devid), "200 OK"
             else:
                 body, status = b"not found\n", "404 Not Found"
-            head = f"HTTP/1.0 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            head = (
+                f"HTTP/1.0 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            )
             writer.write(head.encode() + body)
             await writer.drain()
         except (OSError, asyncio.TimeoutError, IndexError):
@@ -129,7 +131,9 @@ class ChurningMeters:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seconds", type=float, default=60.0, help="how long to measure (default 60)")
     parser.add_argument("--meters", type=int, default=50, help="extended meters, 6 s interval (default 50)")
     parser.add_argument("--keys", type=int, default=50, help="new key names per answer (default 50)")
@@ -177,13 +181,18 @@ def main() -> int:
                 print(f"{t:6.0f} {meters.requests:8d} {rss_mb(bridge.pid):14.1f} {rss_mb(mosquitto.pid):17.1f}"
                       f" {stats.get(SYS_TOPICS[0]):>9} {heap:>14}", flush=True)  # fmt: skip
                 if bridge.poll() is not None:
-                    print(f"the bridge exited with {bridge.returncode}:\n" + (tmp / "bridge.log").read_text()[-2000:])
+                    print(
+                        f"the bridge exited with {bridge.returncode}:\n"
+                        + (tmp / "bridge.log").read_text()[-2000:]
+                    )
                     return 1
                 if t >= args.seconds:
                     break
                 t = min(t + SAMPLE_EVERY, args.seconds)
                 time.sleep(max(0.0, start + t - time.monotonic()))
-            print(f"peak RSS MB: bridge {peak_rss_mb(bridge.pid):.1f}, mosquitto {peak_rss_mb(mosquitto.pid):.1f}")
+            print(
+                f"peak RSS MB: bridge {peak_rss_mb(bridge.pid):.1f}, mosquitto {peak_rss_mb(mosquitto.pid):.1f}"
+            )
             stats.stop()
         finally:
             for proc in reversed(procs):

@@ -45,7 +45,9 @@ def missing_tools() -> str | None:
     if node is None or npm is None:
         missing = " and ".join(name for name, path in (("node", node), ("npm", npm)) if path is None)
         return f"{missing} not on PATH (Node-RED 4 needs Node.js {MIN_NODE_MAJOR}+ and npm)"
-    version = subprocess.run([node, "--version"], check=False, capture_output=True, text=True, timeout=30).stdout
+    version = subprocess.run(
+        [node, "--version"], check=False, capture_output=True, text=True, timeout=30
+    ).stdout
     try:
         major = int(version.strip().lstrip("v").split(".")[0])
     except ValueError:
@@ -140,7 +142,9 @@ class NodeRed:
                 raise RuntimeError(f"Node-RED exited with {self.process.returncode}:\n{self.log()[-3000:]}")
             if time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"Node-RED did not start its flows in {timeout:g} s:\n{self.log()[-3000:]}")
+                raise RuntimeError(
+                    f"Node-RED did not start its flows in {timeout:g} s:\n{self.log()[-3000:]}"
+                )
             time.sleep(0.1)  # a log file has no event to wait on
         return self
 

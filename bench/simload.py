@@ -45,8 +45,7 @@ async def _get(port: int, request: bytes) -> tuple[int, float]:
 async def _load(port: int, meters: int, period: float, seconds: float, warmup: float) -> dict[str, object]:
     fleet = make_fleet(meters, phases=3, extended=True)
     requests = [
-        f"GET /?page=getdata&devid={m.devid}&devpass={m.pin} HTTP/1.0\r\n\r\n".encode()
-        for m in fleet
+        f"GET /?page=getdata&devid={m.devid}&devpass={m.pin} HTTP/1.0\r\n\r\n".encode() for m in fleet
     ]
     statuses: Counter[str] = Counter()
     latencies: list[float] = []

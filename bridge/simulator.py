@@ -57,8 +57,17 @@ FAULTS: Final = (
 # checks and count as accepted. Every other fault replaces the answer outright.
 _GOOD_FAULTS: Final = frozenset(
     {
-        "ok", "clean_json", "nonnumeric", "drop_wh", "pout_error", "odd_numbers", "odd_labels",
-        "wrong_devid", "dup_devid", "churn", "many_keys",
+        "ok",
+        "clean_json",
+        "nonnumeric",
+        "drop_wh",
+        "pout_error",
+        "odd_numbers",
+        "odd_labels",
+        "wrong_devid",
+        "dup_devid",
+        "churn",
+        "many_keys",
     }  # fmt: skip
 )
 
@@ -84,12 +93,10 @@ _JSON: Final = "application/json; charset=utf-8"
 _TEXT: Final = "text/plain; charset=utf-8"
 _HTML: Final = "text/html; charset=utf-8"
 
-_DENIED_PAGE: Final = (
-    b"<html><head><title>smart-MAC</title></head><body><h1>Access denied</h1></body></html>"
-)
+_DENIED_PAGE: Final = b"<html><head><title>smart-MAC</title></head><body><h1>Access denied</h1></body></html>"
 _LOGIN_PAGE: Final = (
-    b"<html><head><title>smart-MAC</title></head><body><form method=\"post\">"
-    b"PIN: <input type=\"password\" name=\"devpass\"><input type=\"submit\" value=\"Login\">"
+    b'<html><head><title>smart-MAC</title></head><body><form method="post">'
+    b'PIN: <input type="password" name="devpass"><input type="submit" value="Login">'
     b"</form></body></html>"
 )
 
@@ -285,7 +292,9 @@ def _render(m: SimMeter, fault: str) -> bytes:
         # Home Assistant discovery's edge cases (issue 12): a label with control characters,
         # a lone surrogate and 100 characters; a second counter wh1 beside Wh1.
         body = body.replace('"name":"Voltage 1"', '"name":"Voltage\\u0007\\n1 \\ud800%s"' % ("x" * 100), 1)
-        body = body.replace('"T":{', '"wh1":{"name":"Energy 1 again","unit":"Wh","value":"%d"},"T":{' % m._wh[0], 1)
+        body = body.replace(
+            '"T":{', '"wh1":{"name":"Energy 1 again","unit":"Wh","value":"%d"},"T":{' % m._wh[0], 1
+        )
     elif fault == "dup_devid":
         # A second devid at the end of the envelope: JSON's last duplicate wins.
         body = body[:-1] + ',"devid":"%s"}' % _other_devid(m.devid)
@@ -469,9 +478,7 @@ class Simulator:
             loop.close()
 
     async def _listen(self) -> asyncio.Server:
-        server = await asyncio.start_server(
-            self._handle, self.host, self.port, limit=_MAX_HEAD, backlog=1024
-        )
+        server = await asyncio.start_server(self._handle, self.host, self.port, limit=_MAX_HEAD, backlog=1024)
         self.port = server.sockets[0].getsockname()[1]
         logger.info("simulator: %d meters at %s", len(self.meters), self.url())
         self._ready.set()

@@ -24,7 +24,9 @@ from bridge.simulator import SimMeter, Simulator
 PIN = "470193"
 
 
-def test_run_publishes_and_sigterm_publishes_offline(tmp_path: Path, rig: Rig, processes: list[Process]) -> None:
+def test_run_publishes_and_sigterm_publishes_offline(
+    tmp_path: Path, rig: Rig, processes: list[Process]
+) -> None:
     meter = SimMeter(devid="1728053249", pin=PIN, phases=3, extended=True)
     sim = rig.simulator([meter])
     config = write_config(
@@ -142,10 +144,19 @@ def test_demo_runs_on_embedded_defaults(tmp_path: Path, processes: list[Process]
         # Topic settings a broker refuses: refused before anything starts (issue 12).
         (r'mqtt: {base_topic: "smart\tmac"}', "mqtt.base_topic: must not contain"),
         (r'homeassistant: {prefix: "ha\uFFFF"}', "homeassistant.prefix: must not contain"),
-        (r'devices: [{id: "1", pin: "x", host: h, topic: "gar\x07age"}]', "devices.0.topic: must be one topic level"),
+        (
+            r'devices: [{id: "1", pin: "x", host: h, topic: "gar\x07age"}]',
+            "devices.0.topic: must be one topic level",
+        ),
         (r'mqtt: {client_id: "bridge\x00"}', "mqtt.client_id: must not contain"),
-        ("devices: [{id: '1', pin: 'x', host: '127.0.0.1:0'}]", "devices.0.host: port must be a number from 1 to 65535"),
-        ("devices: [{id: '1', pin: 'x', host: 'http://:pw@h'}]", "devices.0.host: give host or host:port only"),
+        (
+            "devices: [{id: '1', pin: 'x', host: '127.0.0.1:0'}]",
+            "devices.0.host: port must be a number from 1 to 65535",
+        ),
+        (
+            "devices: [{id: '1', pin: 'x', host: 'http://:pw@h'}]",
+            "devices.0.host: give host or host:port only",
+        ),
     ],
 )
 def test_config_errors_exit_2_with_the_key(
@@ -208,8 +219,16 @@ def test_probe_prints_a_table(
     meter = SimMeter(devid="1728053249", pin=PIN, phases=3, extended=True)
     sim = simulator([meter])
     probe = Process(
-        tmp_path, "probe", "--host", f"{LOOPBACK}:{sim.port}", "--id", meter.devid, "--pin", PIN,
-        "--relay", "on",
+        tmp_path,
+        "probe",
+        "--host",
+        f"{LOOPBACK}:{sim.port}",
+        "--id",
+        meter.devid,
+        "--pin",
+        PIN,
+        "--relay",
+        "on",
     )
     processes.append(probe)
     assert probe.proc.wait(10) == 0, probe.stderr
@@ -260,7 +279,9 @@ def test_probe_without_any_pin_is_a_config_error(
 
 
 def test_probe_pin_that_is_not_text_is_a_config_error(tmp_path: Path, processes: list[Process]) -> None:
-    probe = Process(tmp_path, "probe", "--host", f"{LOOPBACK}:1", "--id", "17", env={"SMARTMAC_PIN": "12\t34"})
+    probe = Process(
+        tmp_path, "probe", "--host", f"{LOOPBACK}:1", "--id", "17", env={"SMARTMAC_PIN": "12\t34"}
+    )
     processes.append(probe)
     assert probe.proc.wait(10) == 2
     assert "--pin: holds a control character" in probe.stderr and "Traceback" not in probe.stderr

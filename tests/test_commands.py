@@ -26,7 +26,9 @@ def test_toggle_before_the_first_read_is_refused(rig: Rig) -> None:
     probe.wait_for("smartmac/bridge/availability")  # connected, so subscribed
     probe.publish("smartmac/m/relay/set", "TOGGLE")
     assert probe.wait_for("smartmac/m/relay/result").json() == {
-        "ok": False, "error": "relay state not known yet; send ON or OFF"}
+        "ok": False,
+        "error": "relay state not known yet; send ON or OFF",
+    }
     assert meter.pout_requests == []
 
 
@@ -105,7 +107,9 @@ def test_a_command_waiting_for_its_slot_gets_an_error_on_shutdown(
     wait_until(lambda: "relay command ON" in caplog.text, 5, "the bridge took the command")
     bridge.stop()
     assert probe.wait_for("smartmac/m/relay/result", after=mark, timeout=5).json() == {
-        "ok": False, "error": "bridge shutting down"}
+        "ok": False,
+        "error": "bridge shutting down",
+    }
     probe.wait_for("smartmac/m/availability", lambda m: m.payload == b"offline", after=mark)
     assert meter.pout_requests == []
 

@@ -84,7 +84,9 @@ def test_every_topic_carries_the_meter_values(
         assert late.wait_for(topic, lambda m: m.retain, timeout=5).payload == probe.last(topic).payload  # type: ignore[union-attr]
     # B/+/state matches meter states only: checked on every topic the bridge published.
     assert {t for t in latest if topic_matches_sub("smartmac/+/state", t)} == {
-        "smartmac/garage/state", f"smartmac/{one.devid}/state"}
+        "smartmac/garage/state",
+        f"smartmac/{one.devid}/state",
+    }
 
     assert_rate_limit_kept(sim)
     assert PIN_3 not in caplog.text and PIN_1 not in caplog.text
@@ -109,7 +111,9 @@ def test_relay_commands_switch_the_meter(rig: Rig, meters: tuple[SimMeter, SimMe
     mark = probe.mark()
     probe.publish("smartmac/garage/relay/set", '{"state": "TOGGLE"}')
     assert probe.wait_for("smartmac/garage/relay/result", after=mark, timeout=15).json() == {
-        "ok": True, "relay": "OFF"}
+        "ok": True,
+        "relay": "OFF",
+    }
     assert three.pout == 0
     assert_rate_limit_kept(sim)
 
@@ -152,7 +156,9 @@ def test_bad_and_retained_commands_never_switch(
     # The retained ON was ignored: no result for it, and the meter saw no pout at all,
     # even at its next slot (the state published after it still says OFF).
     first_state = probe.wait_for("smartmac/garage/state")
-    second_state = probe.wait_for("smartmac/garage/state", after=probe.messages.index(first_state) + 1, timeout=15)
+    second_state = probe.wait_for(
+        "smartmac/garage/state", after=probe.messages.index(first_state) + 1, timeout=15
+    )
     assert second_state.json()["relay"] == "OFF"
     assert three.pout_requests == [] and three.pout == 0
     results = [m for m in probe.messages if m.topic == "smartmac/garage/relay/result"]
@@ -250,9 +256,16 @@ def test_republishes_everything_after_a_broker_restart(
     sim = rig.simulator([three, one])
     probe = rig.probe("smartmac/#")
     bridge = rig.bridge([device(sim, three, topic="garage"), device(sim, one, topic="one")])
-    topics = ("smartmac/bridge/availability", "smartmac/bridge/info", "smartmac/one/state",
-              "smartmac/one/V1", "smartmac/one/relay", "smartmac/one/availability",
-              "smartmac/garage/state", "smartmac/garage/availability")
+    topics = (
+        "smartmac/bridge/availability",
+        "smartmac/bridge/info",
+        "smartmac/one/state",
+        "smartmac/one/V1",
+        "smartmac/one/relay",
+        "smartmac/one/availability",
+        "smartmac/garage/state",
+        "smartmac/garage/availability",
+    )
     for topic in topics:
         probe.wait_for(topic)
     before = {m.topic: m.payload for m in probe.messages}

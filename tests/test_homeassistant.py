@@ -82,13 +82,18 @@ def test_discovery_configs_resend_and_ghost_cleanup(rig: Rig, caplog: pytest.Log
         }
         assert config["origin"] == {"name": "smartmac-bridge", "sw_version": __version__}
         assert config["availability"] == [
-            {"topic": "smartmac/bridge/availability"}, {"topic": f"smartmac/{segment}/availability"}]
+            {"topic": "smartmac/bridge/availability"},
+            {"topic": f"smartmac/{segment}/availability"},
+        ]
         # The state topic each config names carries the value, retained.
         state = probe.wait_for(str(config["state_topic"]))
         assert state.payload in (b"ON", b"OFF") if "switch" in topic else float(state.payload) >= 0
     garage_wh = configs["homeassistant/sensor/smartmac_1728053249/Wh1/config"]
     assert (garage_wh["device_class"], garage_wh["state_class"], garage_wh["unit_of_measurement"]) == (
-        "energy", "total_increasing", "Wh")
+        "energy",
+        "total_increasing",
+        "Wh",
+    )
     relay = configs["homeassistant/switch/smartmac_1728053249/relay/config"]
     assert relay["command_topic"] == "smartmac/garage/relay/set"
 
@@ -108,8 +113,10 @@ def test_discovery_configs_resend_and_ghost_cleanup(rig: Rig, caplog: pytest.Log
     mark = probe.mark()
     probe.publish("homeassistant/status", "online")
     for topic in expected:
-        assert probe.wait_for(topic, after=mark).payload == json.dumps(
-            configs[topic], separators=(",", ":"), ensure_ascii=False).encode()
+        assert (
+            probe.wait_for(topic, after=mark).payload
+            == json.dumps(configs[topic], separators=(",", ":"), ensure_ascii=False).encode()
+        )
     for segment in ("garage", one.devid):
         for sub in ("state", "relay", "availability", "V1"):
             probe.wait_for(f"smartmac/{segment}/{sub}", after=mark)
@@ -136,7 +143,9 @@ def test_discovery_off_announces_nothing(rig: Rig) -> None:
     probe.sync("homeassistant")
     ha = [m for m in probe.messages if m.topic.startswith("homeassistant/") and "probe-sync" not in m.topic]
     assert [(m.topic, m.payload) for m in ha] == [
-        (ghost, ghost_config("smartmac/old/V1")), ("homeassistant/status", b"online")]
+        (ghost, ghost_config("smartmac/old/V1")),
+        ("homeassistant/status", b"online"),
+    ]
     probe.publish(ghost, b"", retain=True)
 
 
@@ -173,7 +182,9 @@ def test_energy_guard_and_on_change(rig: Rig, caplog: pytest.LogCaptureFixture) 
     sim.set_fault(guarded.devid, "drop_wh")  # 6 s before the next read
     states = [first]
     for _ in range(3):
-        states.append(probe.wait_for("smartmac/g/state", after=probe.messages.index(states[-1]) + 1, timeout=20))
+        states.append(
+            probe.wait_for("smartmac/g/state", after=probe.messages.index(states[-1]) + 1, timeout=20)
+        )
     held, low = states[1:3], states[3]
     assert [s.json()["Wh1"] for s in held] == [good, good]  # type: ignore[index]
     assert low.json()["Wh1"] < good / 100  # type: ignore[index,operator]
@@ -186,10 +197,15 @@ def test_energy_guard_and_on_change(rig: Rig, caplog: pytest.LogCaptureFixture) 
     assert "accepted as a counter reset" in caplog.text
 
     # on_change, over the same four reads of the other meter.
-    probe.wait_for("onchange/q/rW1", after=probe.messages.index(
-        probe.wait_for("onchange/q/rW1")) + 1, timeout=20)  # the heartbeat resend of "0"
+    probe.wait_for(
+        "onchange/q/rW1", after=probe.messages.index(probe.wait_for("onchange/q/rW1")) + 1, timeout=20
+    )  # the heartbeat resend of "0"
     polls = quiet.ok
-    messages = [m for m in probe.messages if m.topic.startswith("onchange/q/") and not m.topic.endswith("availability")]
+    messages = [
+        m
+        for m in probe.messages
+        if m.topic.startswith("onchange/q/") and not m.topic.endswith("availability")
+    ]
     by_topic: dict[str, list[Message]] = {}
     for message in messages:
         by_topic.setdefault(message.topic, []).append(message)

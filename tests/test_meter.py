@@ -81,7 +81,9 @@ def test_faults_are_meter_errors_without_the_pin(
     assert_no_pin(info.value)
 
 
-@pytest.mark.parametrize(("fault", "text"), [("html", "HTML"), ("truncated", "not valid JSON"), ("no_data", "'data'")])
+@pytest.mark.parametrize(
+    ("fault", "text"), [("html", "HTML"), ("truncated", "not valid JSON"), ("no_data", "'data'")]
+)
 def test_broken_bodies_fail_in_the_parser(setup: tuple[Simulator, SimMeter], fault: str, text: str) -> None:
     sim, meter = setup
     sim.set_fault(meter.devid, fault)
@@ -253,4 +255,3 @@ def test_re_resolution_keeps_the_address_that_worked(
     now += RESOLVE_TTL + 1
     assert c.address(now) is None and c.resolve(now) is None
     assert c.address(now) == answer[0]
-

@@ -144,7 +144,9 @@ def test_an_ipv6_broker_is_logged_in_brackets(
     port = free_port()
     conf = tmp_path / "mosquitto.conf"
     conf.write_text(f"listener {port} ::1\nallow_anonymous true\npersistence false\n")
-    broker = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    broker = subprocess.Popen(
+        ["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         link = start_link(links, "::1", port)  # paho retries until mosquitto listens
         assert link.connected.wait(BOUND)

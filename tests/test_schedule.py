@@ -41,7 +41,7 @@ def test_cadence_keeps_interval_and_gap(interval: float, gap: float) -> None:
 def test_the_meter_never_sees_two_arrivals_closer_than_the_gap(duration: float) -> None:
     # Whenever within [start, end] a request arrived, the next one arrives a gap later.
     sched = make(interval=6.0, gap=6.0)
-    (_, planned), = sched.pop_due(0.0)
+    ((_, planned),) = sched.pop_due(0.0)
     sched.finished("m", 0.0, duration)
     next_start = sched.next_due()
     assert next_start is not None

@@ -635,8 +635,9 @@ def test_run_cli_prints_the_fleet_and_stops_on_sigterm() -> None:
         assert lines[0].split() == ["devid", "PIN", "phases", "model"]
         assert lines[1].split() == ["1728053249", "012346", "3", "D103", "extended"]
         url = lines[-1].split()[-1]
-        r = requests.get(url + "/?page=getdata&devid=1728053251&devpass=" + lines[3].split()[1],
-                         timeout=TIMEOUT)
+        r = requests.get(
+            url + "/?page=getdata&devid=1728053251&devpass=" + lines[3].split()[1], timeout=TIMEOUT
+        )
         assert r.status_code == 200
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=5) == 0

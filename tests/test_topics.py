@@ -40,8 +40,17 @@ def test_state_messages_for_the_seed() -> None:
 
 def test_envelope_wins_and_reserved_keys_get_no_topic() -> None:
     body = json.dumps(
-        {"devid": "17", "time": "5", "pout": "1", "data": {
-            "time": {"value": "9"}, "state": {"value": "1"}, "a/b": {"value": "2"}, "V": {"value": "1"}}}
+        {
+            "devid": "17",
+            "time": "5",
+            "pout": "1",
+            "data": {
+                "time": {"value": "9"},
+                "state": {"value": "1"},
+                "a/b": {"value": "2"},
+                "V": {"value": "1"},
+            },
+        }
     )
     messages = dict(state_messages(MeterTopics("b", "d"), parse_body(body), Relay.ON))
     assert set(messages) == {"b/d/V", "b/d/time", "b/d/state", "b/d/relay"}
@@ -50,18 +59,22 @@ def test_envelope_wins_and_reserved_keys_get_no_topic() -> None:
 
 
 @pytest.mark.parametrize(
-    "key", ["T\t1", "V1\n", "\x01h1", "A\x7f", "\u0085", "x\ufffe", "\ufdd0", "\U0001ffff", "\ud800", "k" * 257]
+    "key",
+    ["T\t1", "V1\n", "\x01h1", "A\x7f", "\u0085", "x\ufffe", "\ufdd0", "\U0001ffff", "\ud800", "k" * 257],
 )
 def test_keys_a_broker_would_refuse_get_no_topic(key: str) -> None:
     # mosquitto disconnects a client publishing such a topic; the value stays in the state.
-    body = json.dumps({"devid": "17", "time": "5", "pout": "1", "data": {key: {"value": "2"}, "V": {"value": "1"}}})
+    body = json.dumps(
+        {"devid": "17", "time": "5", "pout": "1", "data": {key: {"value": "2"}, "V": {"value": "1"}}}
+    )
     messages = dict(state_messages(MeterTopics("b", "d"), parse_body(body), Relay.ON))
     assert set(messages) == {"b/d/V", "b/d/state", "b/d/relay"}
     assert json.loads(messages["b/d/state"])[key] == 2
 
 
 @pytest.mark.parametrize(
-    ("pout", "inverted", "relay"), [(1, False, Relay.ON), (0, False, Relay.OFF), (1, True, Relay.OFF), (0, True, Relay.ON)]
+    ("pout", "inverted", "relay"),
+    [(1, False, Relay.ON), (0, False, Relay.OFF), (1, True, Relay.OFF), (0, True, Relay.ON)],
 )
 def test_relay_polarity(pout: int, inverted: bool, relay: Relay) -> None:
     assert relay_from_pout(pout, inverted) is relay
@@ -86,10 +99,19 @@ def test_command_segment(topic: str, segment: str | None) -> None:
 @pytest.mark.parametrize(
     ("payload", "action"),
     [
-        (b"ON", Action.ON), (b"on", Action.ON), (b" On \n", Action.ON), (b"1", Action.ON),
-        (b"true", Action.ON), (b"TRUE", Action.ON), (b"OFF", Action.OFF), (b"0", Action.OFF),
-        (b"false", Action.OFF), (b"toggle", Action.TOGGLE), (b'{"state": "ON"}', Action.ON),
-        (b'{"state":"off"}', Action.OFF), (b'{"state": "TOGGLE"}', Action.TOGGLE),
+        (b"ON", Action.ON),
+        (b"on", Action.ON),
+        (b" On \n", Action.ON),
+        (b"1", Action.ON),
+        (b"true", Action.ON),
+        (b"TRUE", Action.ON),
+        (b"OFF", Action.OFF),
+        (b"0", Action.OFF),
+        (b"false", Action.OFF),
+        (b"toggle", Action.TOGGLE),
+        (b'{"state": "ON"}', Action.ON),
+        (b'{"state":"off"}', Action.OFF),
+        (b'{"state": "TOGGLE"}', Action.TOGGLE),
     ],
 )
 def test_valid_commands(payload: bytes, action: Action) -> None:
@@ -98,8 +120,23 @@ def test_valid_commands(payload: bytes, action: Action) -> None:
 
 @pytest.mark.parametrize(
     "payload",
-    [b"", b"2", b"yes", b"ONN", b"{}", b'{"state": 1}', b'{"state": "DIM"}', b"{bad", b"[1]",
-     b'"ON"', b"\xff\xfe", b"O" * 300, b"{" * 5000, b"null", b"1.0"],
+    [
+        b"",
+        b"2",
+        b"yes",
+        b"ONN",
+        b"{}",
+        b'{"state": 1}',
+        b'{"state": "DIM"}',
+        b"{bad",
+        b"[1]",
+        b'"ON"',
+        b"\xff\xfe",
+        b"O" * 300,
+        b"{" * 5000,
+        b"null",
+        b"1.0",
+    ],
 )
 def test_invalid_commands(payload: bytes) -> None:
     with pytest.raises(CommandError):

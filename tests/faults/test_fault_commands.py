@@ -71,19 +71,25 @@ def random_payloads(count: int, seed: int = 3) -> list[bytes]:
             return odd_case(rng.choice(list(_WORDS))).encode()
         if kind == "json":
             spacing = rng.choice([(",", ":"), (", ", ": ")])
-            return json.dumps({"state": odd_case(rng.choice(["on", "off", "toggle"]))}, separators=spacing).encode()
+            return json.dumps(
+                {"state": odd_case(rng.choice(["on", "off", "toggle"]))}, separators=spacing
+            ).encode()
         if kind == "near":
             return rng.choice(NEAR_MISSES)
         if kind == "binary":
             return rng.randbytes(rng.randint(1, 64))
         if kind == "long":
             return rng.choice([rng.randbytes(300), b"{" * 300, bytes(rng.choices(b"ONOFFTOGGLE", k=300))])
-        return "".join(rng.choices("abcdefghijklmnopqrstuvwxyzONFTGL{}[]\":,. 0123456789", k=rng.randint(1, 20))).encode()
+        return "".join(
+            rng.choices('abcdefghijklmnopqrstuvwxyzONFTGL{}[]":,. 0123456789', k=rng.randint(1, 20))
+        ).encode()
 
     return [one() for _ in range(count)]
 
 
-def test_random_payloads_retained_and_undeliverable_commands(rig: Rig, mosquitto: FaultMosquitto, watch: Watch) -> None:
+def test_random_payloads_retained_and_undeliverable_commands(
+    rig: Rig, mosquitto: FaultMosquitto, watch: Watch
+) -> None:
     a, hang, refuse = fault_meter(0, phases=3), fault_meter(1), fault_meter(2)
     sim = rig.simulator([a, hang, refuse])
     sim.set_fault(hang.devid, "hang")
@@ -145,7 +151,9 @@ def test_random_payloads_retained_and_undeliverable_commands(rig: Rig, mosquitto
         took = message.received - sent_at[segment]
         assert COMMAND_TIME - 0.5 <= took <= COMMAND_TIME + TIMEOUT + 2, (segment, took)
         error = message.json()["error"]  # type: ignore[index]
-        assert message.json()["ok"] is False and f"not confirmed by the meter within {COMMAND_TIME:g} s" in error  # type: ignore[index]
+        assert (
+            message.json()["ok"] is False and f"not confirmed by the meter within {COMMAND_TIME:g} s" in error
+        )  # type: ignore[index]
         sim.set_fault(meter.devid, "ok")
     for segment, meter in (("hang", hang), ("refuse", refuse)):
         assert probe.wait_for(f"smartmac/{segment}/relay", after=start, timeout=15).payload == b"OFF"

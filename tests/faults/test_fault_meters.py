@@ -208,7 +208,9 @@ def test_broken_meter(scenario: Scenario, fault: str) -> None:
     assert after_heal and after_heal[0] < item.online.received
     assert len([t for t in after_heal if t < item.online.received]) == 1
     # ...with its readings, published before the availability that says so.
-    states = [m for m in scenario.published(segment, before=item.online.received) if m.topic.endswith("/state")]
+    states = [
+        m for m in scenario.published(segment, before=item.online.received) if m.topic.endswith("/state")
+    ]
     assert len(states) == 1 and json.loads(states[0].payload)["devid"] == meter.devid
     # The bridge logged no error for it (no traceback, no "unexpected error").
     errors = [r.text for r in scenario.watch.records if r.level >= 40 and meter.devid in r.text]

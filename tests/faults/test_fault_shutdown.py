@@ -52,7 +52,10 @@ devices:
     # offline for the bridge and every meter, retained for whoever comes later.
     late = rig.probe("smartmac/+/availability")
     for segment in ("bridge", "std", "dead"):
-        assert late.wait_for(f"smartmac/{segment}/availability", lambda m: m.retain, timeout=5).payload == b"offline"
+        assert (
+            late.wait_for(f"smartmac/{segment}/availability", lambda m: m.retain, timeout=5).payload
+            == b"offline"
+        )
     assert standard.pout_requests == [] and standard.requests == 1
     assert "Traceback" not in bridge.stderr
     print(f"SIGTERM to exit 0: {took:.2f} s")

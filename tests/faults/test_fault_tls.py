@@ -51,7 +51,9 @@ def tls_bridge(mosquitto: FaultMosquitto) -> Iterator[Callable[..., Bridge]]:
         bridge.stop()
 
 
-def test_password_over_tls_with_a_ca_file(rig: Rig, mosquitto: FaultMosquitto, tls_bridge: Callable[..., Bridge]) -> None:
+def test_password_over_tls_with_a_ca_file(
+    rig: Rig, mosquitto: FaultMosquitto, tls_bridge: Callable[..., Bridge]
+) -> None:
     meter = fault_meter(0)
     sim = rig.simulator([meter])
     probe = rig.probe("smartmac/#")  # on the plain listener: sees what the bridge published over TLS
