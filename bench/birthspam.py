@@ -23,6 +23,7 @@ JSON line; no assertions:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shutil
 import signal
@@ -125,7 +126,7 @@ def gap_figures(times: dict[str, list[float]], devids: list[str], start: float, 
         before = [t for t in arrivals if t < start]
         inside = [t for t in arrivals if start <= t <= end]
         points = before[-1:] + inside
-        meter_gaps = [b - a for a, b in zip(points, points[1:])]
+        meter_gaps = [b - a for a, b in itertools.pairwise(points)]
         if points:
             meter_gaps.append(end - points[-1])  # still waiting at the window's end
         all_gaps += meter_gaps

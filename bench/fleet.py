@@ -490,7 +490,10 @@ def render(rows: list[Row], args: argparse.Namespace, extra: dict[str, Any]) -> 
             )
     for line in lines:
         text.append(
-            "  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(line, widths)))
+            "  ".join(
+                cell.rjust(w) if i else cell.ljust(w)
+                for i, (cell, w) in enumerate(zip(line, widths, strict=True))
+            )
         )
     for peer, key in _RATIOS.items():
         if key in extra:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -28,11 +27,11 @@ from urllib.parse import parse_qs, urlsplit
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import paho.mqtt.client as paho  # noqa: E402
-from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
 
-from bench.procstat import peak_rss_mb, rss_mb  # noqa: E402
-from bench.support import LOOPBACK, free_port, wait_for_port  # noqa: E402
+from bench.procstat import peak_rss_mb, rss_mb
+from bench.support import LOOPBACK, free_port, wait_for_port
 
 FIRST_ID = 1728100000
 SAMPLE_EVERY = 10.0
@@ -124,7 +123,7 @@ class ChurningMeters:
             )
             writer.write(head.encode() + body)
             await writer.drain()
-        except (OSError, asyncio.TimeoutError, IndexError):
+        except (TimeoutError, OSError, IndexError):
             pass
         finally:
             writer.close()
@@ -178,8 +177,9 @@ def main() -> int:
             while True:
                 heap = stats.get(SYS_TOPICS[1])
                 heap = f"{int(heap) / 2**20:.1f}" if heap.isdigit() else heap
-                print(f"{t:6.0f} {meters.requests:8d} {rss_mb(bridge.pid):14.1f} {rss_mb(mosquitto.pid):17.1f}"
-                      f" {stats.get(SYS_TOPICS[0]):>9} {heap:>14}", flush=True)  # fmt: skip
+                print(f"{t:6.0f} {meters.requests:8d} {rss_mb(bridge.pid):14.1f}"
+                      f" {rss_mb(mosquitto.pid):17.1f} {stats.get(SYS_TOPICS[0]):>9} {heap:>14}",
+                      flush=True)  # fmt: skip
                 if bridge.poll() is not None:
                     print(
                         f"the bridge exited with {bridge.returncode}:\n"
@@ -191,7 +191,8 @@ def main() -> int:
                 t = min(t + SAMPLE_EVERY, args.seconds)
                 time.sleep(max(0.0, start + t - time.monotonic()))
             print(
-                f"peak RSS MB: bridge {peak_rss_mb(bridge.pid):.1f}, mosquitto {peak_rss_mb(mosquitto.pid):.1f}"
+                f"peak RSS MB: bridge {peak_rss_mb(bridge.pid):.1f},"
+                f" mosquitto {peak_rss_mb(mosquitto.pid):.1f}"
             )
             stats.stop()
         finally:

@@ -292,7 +292,7 @@ def test_start_that_hangs_times_out_without_leaving_a_thread(
     monkeypatch.setattr(Broker, "start", hang)
     broker = EmbeddedBroker(HOST, port)
 
-    with pytest.raises(BrokerError, match="did not start within 0.3 s"):
+    with pytest.raises(BrokerError, match=r"did not start within 0\.3 s"):
         broker.start(timeout=0.3)
 
     assert broker_threads() == []

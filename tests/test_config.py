@@ -217,7 +217,7 @@ def test_topic_settings_a_broker_accepts(tmp_path: Path) -> None:
 def test_a_lone_surrogate_from_the_environment_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     # A byte that is not UTF-8 in a variable reaches Python as a lone surrogate.
     monkeypatch.setenv("SMARTMAC_MQTT__BASE_TOPIC", "zq\udcff")
-    with pytest.raises(ConfigError, match="mqtt.base_topic: must not contain") as info:
+    with pytest.raises(ConfigError, match=r"mqtt\.base_topic: must not contain") as info:
         load_settings()
     assert "zq" not in str(info.value)
 

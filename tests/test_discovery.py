@@ -394,6 +394,9 @@ def test_a_label_is_cleaned_and_capped(label: str, name: str) -> None:
 
 
 def test_a_label_from_a_real_body_with_escapes() -> None:
-    body = b'{"devid":"5","time":"1","pout":"0","data":{"V1":{"name":"Volt\\u0007\\ud800 1","unit":"V","value":"1"}}}'
+    body = (
+        b'{"devid":"5","time":"1","pout":"0",'
+        b'"data":{"V1":{"name":"Volt\\u0007\\ud800 1","unit":"V","value":"1"}}}'
+    )
     found = configs(DeviceInfo("5", "m", "M", False), parse_body(body).readings)
     assert found["homeassistant/sensor/smartmac_5/V1/config"]["name"] == "Volt 1"

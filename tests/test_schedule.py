@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from bridge.schedule import GUARD, Scheduler
@@ -26,13 +28,13 @@ def test_cadence_keeps_interval_and_gap(interval: float, gap: float) -> None:
     starts = []
     now = 0.0
     for _ in range(20):
-        (item,) = sched.pop_due(now)
+        (_item,) = sched.pop_due(now)
         starts.append(now)
         sched.finished("m", now, now)
         due = sched.next_due()
         assert due is not None
         now = due + 0.003  # a small dispatch lag every time
-    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
     assert min(gaps) >= gap + GUARD
     assert max(gaps) <= max(interval, gap + GUARD) + 0.003 + 1e-9
 
@@ -41,7 +43,7 @@ def test_cadence_keeps_interval_and_gap(interval: float, gap: float) -> None:
 def test_the_meter_never_sees_two_arrivals_closer_than_the_gap(duration: float) -> None:
     # Whenever within [start, end] a request arrived, the next one arrives a gap later.
     sched = make(interval=6.0, gap=6.0)
-    ((_, planned),) = sched.pop_due(0.0)
+    ((_, _planned),) = sched.pop_due(0.0)
     sched.finished("m", 0.0, duration)
     next_start = sched.next_due()
     assert next_start is not None
@@ -66,7 +68,7 @@ def test_command_goes_at_the_earliest_slot_and_restarts_cadence() -> None:
     sched.hurry("m", 1.0)
     assert sched.next_due() == pytest.approx(6.0 + GUARD)
     assert sched.pop_due(6.0) == []
-    (item,) = sched.pop_due(6.1)
+    (_item,) = sched.pop_due(6.1)
     sched.finished("m", 6.1, 6.1, command=True)
     sched.settle("m")
     assert sched.next_due() == pytest.approx(66.1)

@@ -25,10 +25,12 @@ def test_sigterm_while_a_command_waits_for_its_slot(
     config = write_config(
         tmp_path,
         f"""
-mqtt: {{host: {LOOPBACK}, port: {rig.broker.port}, client_id: shutdown, username: {USERNAME}, password: "{PASSWORD}"}}
+mqtt: {{host: {LOOPBACK}, port: {rig.broker.port}, client_id: shutdown,
+       username: {USERNAME}, password: "{PASSWORD}"}}
 devices:
   - {{id: "{standard.devid}", pin: "{standard.pin}", host: "{LOOPBACK}:{sim.port}", topic: std}}
-  - {{id: "{dead.devid}", pin: "{dead.pin}", host: "{LOOPBACK}:{sim.port}", topic: dead, extended: true, timeout: 30}}
+  - {{id: "{dead.devid}", pin: "{dead.pin}", host: "{LOOPBACK}:{sim.port}", topic: dead,
+      extended: true, timeout: 30}}
 """,
     )
     probe = rig.probe("#")
