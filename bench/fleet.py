@@ -142,7 +142,8 @@ def start_simulator(tmp: Path, args: argparse.Namespace) -> tuple[Proc, int]:
 
 def simulator_stats(port: int) -> dict[str, Any]:
     with urllib.request.urlopen(f"http://{LOOPBACK}:{port}/stats", timeout=30) as answer:
-        return json.loads(answer.read())
+        stats: dict[str, Any] = json.loads(answer.read())
+        return stats
 
 
 # --- the subscriber that counts messages --------------------------------------------------
@@ -350,7 +351,8 @@ def run_peer(peer: str, args: argparse.Namespace, log: Callable[[str], None]) ->
             )  # fmt: skip
             red = nodered.NodeRed(flow, tmp / "node-red")
             red.start()
-            target = Proc("node-red", red.process)  # type: ignore[arg-type]
+            assert red.process is not None  # start() returned: it runs
+            target = Proc("node-red", red.process)
             expected = args.meters / args.nr_interval
         stack.enter_context(started(target))
         log(f"{peer}: started; warming up {args.warmup:g} s")

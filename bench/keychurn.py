@@ -29,6 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from bench.procstat import peak_rss_mb, rss_mb
 from bench.support import LOOPBACK, free_port, wait_for_port
@@ -45,7 +47,18 @@ class BrokerStats:
     def __init__(self, port: int) -> None:
         self.values: dict[str, str] = {}
         client = paho.Client(CallbackAPIVersion.VERSION2, client_id="keychurn-sys")
-        client.on_connect = lambda c, *a: [c.subscribe(t) for t in SYS_TOPICS]
+
+        def subscribe(
+            client: paho.Client,
+            userdata: object,
+            flags: paho.ConnectFlags,
+            reason: ReasonCode,
+            properties: Properties | None,
+        ) -> None:
+            for topic in SYS_TOPICS:
+                client.subscribe(topic)
+
+        client.on_connect = subscribe
         client.on_message = lambda c, u, m: self.values.__setitem__(m.topic, m.payload.decode())
         client.connect(LOOPBACK, port)
         client.loop_start()

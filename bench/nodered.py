@@ -123,7 +123,7 @@ class NodeRed:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def start(self, timeout: float = 60.0) -> NodeRed:
+    def start(self, timeout: float = 60.0) -> Self:
         """Install if needed, start, and return once the flow runs."""
         red = ensure_installed()
         self.directory.mkdir(parents=True, exist_ok=True)

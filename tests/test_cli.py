@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from shapes import json_object
 from support import (
     LOOPBACK,
     Probe,
@@ -89,7 +90,7 @@ devices: [{{id: "17", pin: "{PIN}", host: "{LOOPBACK}:{sim.port}", extended: tru
     wait_for_port(port)
     probe = Probe(port, "smartmac/#").start()
     try:
-        assert probe.wait_for("smartmac/17/state").json()["devid"] == "17"
+        assert json_object(probe.wait_for("smartmac/17/state").json())["devid"] == "17"
         late = Probe(port, "smartmac/17/state").start()
         late.wait_for("smartmac/17/state", lambda m: m.retain, timeout=5)
         late.stop()
@@ -126,8 +127,8 @@ def test_demo_runs_on_embedded_defaults(tmp_path: Path, processes: list[Process]
     wait_for_port(port)
     probe = Probe(port, "smartmac/#").start()
     try:
-        three = probe.wait_for("smartmac/demo3/state").json()
-        one = probe.wait_for("smartmac/demo1/state").json()
+        three = json_object(probe.wait_for("smartmac/demo3/state").json())
+        one = json_object(probe.wait_for("smartmac/demo1/state").json())
         assert {"V3", "Wh3", "rWh3"} <= set(three) and "V1" in one and "V2" not in one
         assert f"mosquitto_sub -h 127.0.0.1 -p {port} -t 'smartmac/#' -v" in demo.stdout
         assert demo.terminate() == 0

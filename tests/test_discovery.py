@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 import pytest
+from shapes import json_object
 
 from bridge import __version__
 from bridge.discovery import DeviceInfo, Discovery, model, sensor_class, signature
@@ -116,6 +117,7 @@ def check_ha_rules(topic: str, config: dict[str, object]) -> None:
     device_class = config.get("device_class")
     unit = config.get("unit_of_measurement")
     if device_class is not None:
+        assert isinstance(device_class, str), (key, device_class)
         assert unit in HA_UNITS[device_class], (key, device_class, unit)
         assert config["state_class"] in HA_STATE_CLASSES[device_class], key
     if config.get("state_class") == "total_increasing":
@@ -142,7 +144,7 @@ def test_every_config_keeps_the_ha_rules(phases: int, extended: bool) -> None:
             {"topic": "smartmac/bridge/availability"},
             {"topic": "smartmac/garage/availability"},
         ]
-        assert config["device"]["name"] == "Garage"  # type: ignore[index]
+        assert json_object(config["device"])["name"] == "Garage"
     relay = found["homeassistant/switch/smartmac_1728053249/relay/config"]
     assert relay["unique_id"] == "smartmac_1728053249_relay"
     assert relay["default_entity_id"] == "switch.smartmac_1728053249_relay"

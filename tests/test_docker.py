@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from shapes import json_object
 from support import LOOPBACK, Rig
 
 from bridge.config import DeviceSettings, load_settings
@@ -84,8 +85,8 @@ def test_demo_bridge_polls_the_demo_simulator(rig: Rig, monkeypatch: pytest.Monk
     probe = rig.probe("smartmac-demo/#")
     rig.bridge(local, base_topic="smartmac-demo")
     for device in devices:
-        state = probe.wait_for(f"smartmac-demo/{device.segment}/state").json()
-        assert state["devid"] == device.id  # type: ignore[index]
+        state = json_object(probe.wait_for(f"smartmac-demo/{device.segment}/state").json())
+        assert state["devid"] == device.id
     assert sim.total_rate_limited() == 0 and all(m.bad_pin == 0 for m in fleet)
 
 

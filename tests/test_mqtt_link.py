@@ -75,7 +75,7 @@ def start_link(links: list[MqttLink], host: str, port: int, **options: object) -
         will_topic="smartmac/bridge/availability",
         subscriptions=[],
         on_message=lambda topic, payload, retain: None,
-        **options,  # type: ignore[arg-type]
+        **options,  # type: ignore[arg-type]  # each test passes MqttLink keywords it knows fit
     )
     link.start()
     links.append(link)

@@ -29,6 +29,7 @@ from faultkit import (
     fault_meter,
     gaps,
 )
+from pydantic import SecretStr
 from support import (
     LOOPBACK,
     Message,
@@ -138,7 +139,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
         stack.callback(probe.stop)
         watch.add_probe(probe)
         settings = MqttSettings(host=LOOPBACK, port=mosquitto.port, client_id="fault-meters",
-                                username=USERNAME, password=PASSWORD)  # fmt: skip
+                                username=USERNAME, password=SecretStr(PASSWORD))  # fmt: skip
         bridge = Bridge(devices, settings, host=LOOPBACK, port=mosquitto.port)
         result = Scenario(sim, broken, good, nonnumeric, watch=watch)
         bridge.start()
