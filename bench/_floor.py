@@ -78,8 +78,9 @@ def main() -> int:
             selector.register(sock, selectors.EVENT_WRITE, i)
         timeout = max(0.0, due[0][0] - now) if due else 1.0
         for key, mask in selector.select(min(timeout, 1.0)):
-            sock, i = key.fileobj, key.data
-            assert isinstance(sock, socket.socket)
+            fileobj, i = key.fileobj, key.data
+            assert isinstance(fileobj, socket.socket)
+            sock = fileobj
             try:
                 if mask & selectors.EVENT_WRITE:
                     sock.send(requests[i])  # ~100 bytes: one send on a fresh connection

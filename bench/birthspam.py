@@ -23,6 +23,7 @@ JSON line; no assertions:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shutil
 import signal
@@ -125,7 +126,7 @@ def gap_figures(times: dict[str, list[float]], devids: list[str], start: float, 
         before = [t for t in arrivals if t < start]
         inside = [t for t in arrivals if start <= t <= end]
         points = before[-1:] + inside
-        meter_gaps = [b - a for a, b in zip(points, points[1:])]
+        meter_gaps = [b - a for a, b in itertools.pairwise(points)]
         if points:
             meter_gaps.append(end - points[-1])  # still waiting at the window's end
         all_gaps += meter_gaps
@@ -156,7 +157,9 @@ def run(args: argparse.Namespace, log: Any) -> dict[str, Any]:
         wait_for_port(sim_port, timeout=60)
         subscriber = Subscriber(broker_port)
         stack.callback(subscriber.stop)
-        config_args = argparse.Namespace(meters=args.meters, commands=0, command_delay=0.0, qos=0, publish=None)
+        config_args = argparse.Namespace(
+            meters=args.meters, commands=0, command_delay=0.0, qos=0, publish=None
+        )
         config = bridge_config(tmp, config_args, broker_port, sim_port)
         out = tmp / "bridge-result.json"
         bridge = spawn("bridge", [
@@ -218,9 +221,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--meters", type=int, default=300, help="extended meters (default 300)")
     parser.add_argument("--births", type=int, default=300, help="birth messages (default 300)")
     parser.add_argument("--spread", type=float, default=3.0, help="seconds the births take (default 3)")
-    parser.add_argument("--window", type=float, default=20.0, help="seconds watched from the first birth (default 20)")
+    parser.add_argument(
+        "--window", type=float, default=20.0, help="seconds watched from the first birth (default 20)"
+    )
     parser.add_argument("--warmup", type=float, default=15.0, help="seconds before the births (default 15)")
-    parser.add_argument("--delay", type=float, default=100.0, metavar="MS", help="meter answer delay (default 100)")
+    parser.add_argument(
+        "--delay", type=float, default=100.0, metavar="MS", help="meter answer delay (default 100)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the run's directory (logs, times)")
     args = parser.parse_args(argv)
     if args.meters < 1 or args.births < 1 or args.spread <= 0 or args.window <= args.spread:

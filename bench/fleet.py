@@ -142,7 +142,8 @@ def start_simulator(tmp: Path, args: argparse.Namespace) -> tuple[Proc, int]:
 
 def simulator_stats(port: int) -> dict[str, Any]:
     with urllib.request.urlopen(f"http://{LOOPBACK}:{port}/stats", timeout=30) as answer:
-        return json.loads(answer.read())
+        stats: dict[str, Any] = json.loads(answer.read())
+        return stats
 
 
 # --- the subscriber that counts messages --------------------------------------------------
@@ -315,13 +316,31 @@ def run_peer(peer: str, args: argparse.Namespace, log: Callable[[str], None]) ->
         if peer == "bridge":
             config = bridge_config(tmp, args, broker_port, sim_port)
             out = tmp / "bridge-result.json"
-            command = [sys.executable, str(ROOT / "bench" / "_bridge.py"), "--config", str(config), "--out", str(out), "--log-level", os.environ.get("BENCH_LOG_LEVEL", "WARNING")]
+            command = [
+                sys.executable,
+                str(ROOT / "bench" / "_bridge.py"),
+                "--config",
+                str(config),
+                "--out",
+                str(out),
+                "--log-level",
+                os.environ.get("BENCH_LOG_LEVEL", "WARNING"),
+            ]
             commander = Commander(broker_port, segments, args.qos)
             stack.callback(commander.stop)
             target = spawn("bridge", command, tmp / "bridge.log")
             expected = args.meters / INTERVAL
         elif peer == "floor":
-            command = [sys.executable, str(ROOT / "bench" / "_floor.py"), "--port", str(sim_port), "--meters", str(args.meters), "--interval", str(INTERVAL)]
+            command = [
+                sys.executable,
+                str(ROOT / "bench" / "_floor.py"),
+                "--port",
+                str(sim_port),
+                "--meters",
+                str(args.meters),
+                "--interval",
+                str(INTERVAL),
+            ]
             target = spawn("floor", command, tmp / "floor.log")
             expected = args.meters / INTERVAL
         else:
@@ -332,7 +351,8 @@ def run_peer(peer: str, args: argparse.Namespace, log: Callable[[str], None]) ->
             )  # fmt: skip
             red = nodered.NodeRed(flow, tmp / "node-red")
             red.start()
-            target = Proc("node-red", red.process)  # type: ignore[arg-type]
+            assert red.process is not None  # start() returned: it runs
+            target = Proc("node-red", red.process)
             expected = args.meters / args.nr_interval
         stack.enter_context(started(target))
         log(f"{peer}: started; warming up {args.warmup:g} s")
@@ -471,7 +491,12 @@ def render(rows: list[Row], args: argparse.Namespace, extra: dict[str, Any]) -> 
                 f"{row.figures['seconds']:g} s measured (whole intervals)"
             )
     for line in lines:
-        text.append("  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(line, widths))))
+        text.append(
+            "  ".join(
+                cell.rjust(w) if i else cell.ljust(w)
+                for i, (cell, w) in enumerate(zip(line, widths, strict=True))
+            )
+        )
     for peer, key in _RATIOS.items():
         if key in extra:
             text.append(f"CPU per poll, bridge / {peer}: {_cell(extra[key])}")
@@ -484,18 +509,44 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--meters", type=int, default=2000, help="extended meters (default 2000)")
     parser.add_argument("--seconds", type=float, default=60.0, help="measured time (default 60)")
-    parser.add_argument("--warmup", type=float, default=10.0, help=f"seconds before measuring (default 10, at least {MIN_WARMUP:g})")
-    parser.add_argument("--delay", type=float, default=100.0, metavar="MS", help="meter answer delay (default 100)")
-    parser.add_argument("--publish", choices=["every_poll", "on_change"], help="bridge publish mode, if its config has one")
-    parser.add_argument("--qos", type=int, choices=[0, 1, 2], default=0, help="MQTT QoS of state publishes (default 0)")
-    parser.add_argument("--peer", choices=["node-red", "floor"], action="append", default=[],
-                        help="also run the same fleet through a Node-RED flow (node-red) or a bare "
-                        "client that only polls (floor); may be given twice")
-    parser.add_argument("--nr-interval", type=float, default=6.5, metavar="S",
-                        help="Node-RED inject interval (default 6.5: at 6 it breaks the rate limit)")
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=10.0,
+        help=f"seconds before measuring (default 10, at least {MIN_WARMUP:g})",
+    )
+    parser.add_argument(
+        "--delay", type=float, default=100.0, metavar="MS", help="meter answer delay (default 100)"
+    )
+    parser.add_argument(
+        "--publish", choices=["every_poll", "on_change"], help="bridge publish mode, if its config has one"
+    )
+    parser.add_argument(
+        "--qos", type=int, choices=[0, 1, 2], default=0, help="MQTT QoS of state publishes (default 0)"
+    )
+    parser.add_argument(
+        "--peer",
+        choices=["node-red", "floor"],
+        action="append",
+        default=[],
+        help="also run the same fleet through a Node-RED flow (node-red) or a bare "
+        "client that only polls (floor); may be given twice",
+    )
+    parser.add_argument(
+        "--nr-interval",
+        type=float,
+        default=6.5,
+        metavar="S",
+        help="Node-RED inject interval (default 6.5: at 6 it breaks the rate limit)",
+    )
     parser.add_argument("--commands", type=int, default=50, help="relay commands (default 50)")
-    parser.add_argument("--command-delay", type=float, default=20.0, metavar="MS",
-                        help="answer delay of the command meters (default 20)")
+    parser.add_argument(
+        "--command-delay",
+        type=float,
+        default=20.0,
+        metavar="MS",
+        help="answer delay of the command meters (default 20)",
+    )
     parser.add_argument("--json-only", action="store_true", help="print only the JSON line")
     parser.add_argument("--keep", action="store_true", help="keep the run's directory (logs, configs, lags)")
     args = parser.parse_args(argv)

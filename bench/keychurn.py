@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -28,11 +27,13 @@ from urllib.parse import parse_qs, urlsplit
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import paho.mqtt.client as paho  # noqa: E402
-from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
-from bench.procstat import peak_rss_mb, rss_mb  # noqa: E402
-from bench.support import LOOPBACK, free_port, wait_for_port  # noqa: E402
+from bench.procstat import peak_rss_mb, rss_mb
+from bench.support import LOOPBACK, free_port, wait_for_port
 
 FIRST_ID = 1728100000
 SAMPLE_EVERY = 10.0
@@ -46,7 +47,18 @@ class BrokerStats:
     def __init__(self, port: int) -> None:
         self.values: dict[str, str] = {}
         client = paho.Client(CallbackAPIVersion.VERSION2, client_id="keychurn-sys")
-        client.on_connect = lambda c, *a: [c.subscribe(t) for t in SYS_TOPICS]
+
+        def subscribe(
+            client: paho.Client,
+            userdata: object,
+            flags: paho.ConnectFlags,
+            reason: ReasonCode,
+            properties: Properties | None,
+        ) -> None:
+            for topic in SYS_TOPICS:
+                client.subscribe(topic)
+
+        client.on_connect = subscribe
         client.on_message = lambda c, u, m: self.values.__setitem__(m.topic, m.payload.decode())
         client.connect(LOOPBACK, port)
         client.loop_start()
@@ -119,17 +131,21 @@ class ChurningMeters:
                 body, status = self.body(devid), "200 OK"
             else:
                 body, status = b"not found\n", "404 Not Found"
-            head = f"HTTP/1.0 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            head = (
+                f"HTTP/1.0 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            )
             writer.write(head.encode() + body)
             await writer.drain()
-        except (OSError, asyncio.TimeoutError, IndexError):
+        except (TimeoutError, OSError, IndexError):
             pass
         finally:
             writer.close()
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seconds", type=float, default=60.0, help="how long to measure (default 60)")
     parser.add_argument("--meters", type=int, default=50, help="extended meters, 6 s interval (default 50)")
     parser.add_argument("--keys", type=int, default=50, help="new key names per answer (default 50)")
@@ -174,16 +190,23 @@ def main() -> int:
             while True:
                 heap = stats.get(SYS_TOPICS[1])
                 heap = f"{int(heap) / 2**20:.1f}" if heap.isdigit() else heap
-                print(f"{t:6.0f} {meters.requests:8d} {rss_mb(bridge.pid):14.1f} {rss_mb(mosquitto.pid):17.1f}"
-                      f" {stats.get(SYS_TOPICS[0]):>9} {heap:>14}", flush=True)  # fmt: skip
+                print(f"{t:6.0f} {meters.requests:8d} {rss_mb(bridge.pid):14.1f}"
+                      f" {rss_mb(mosquitto.pid):17.1f} {stats.get(SYS_TOPICS[0]):>9} {heap:>14}",
+                      flush=True)  # fmt: skip
                 if bridge.poll() is not None:
-                    print(f"the bridge exited with {bridge.returncode}:\n" + (tmp / "bridge.log").read_text()[-2000:])
+                    print(
+                        f"the bridge exited with {bridge.returncode}:\n"
+                        + (tmp / "bridge.log").read_text()[-2000:]
+                    )
                     return 1
                 if t >= args.seconds:
                     break
                 t = min(t + SAMPLE_EVERY, args.seconds)
                 time.sleep(max(0.0, start + t - time.monotonic()))
-            print(f"peak RSS MB: bridge {peak_rss_mb(bridge.pid):.1f}, mosquitto {peak_rss_mb(mosquitto.pid):.1f}")
+            print(
+                f"peak RSS MB: bridge {peak_rss_mb(bridge.pid):.1f},"
+                f" mosquitto {peak_rss_mb(mosquitto.pid):.1f}"
+            )
             stats.stop()
         finally:
             for proc in reversed(procs):

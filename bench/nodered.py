@@ -45,7 +45,9 @@ def missing_tools() -> str | None:
     if node is None or npm is None:
         missing = " and ".join(name for name, path in (("node", node), ("npm", npm)) if path is None)
         return f"{missing} not on PATH (Node-RED 4 needs Node.js {MIN_NODE_MAJOR}+ and npm)"
-    version = subprocess.run([node, "--version"], check=False, capture_output=True, text=True, timeout=30).stdout
+    version = subprocess.run(
+        [node, "--version"], check=False, capture_output=True, text=True, timeout=30
+    ).stdout
     try:
         major = int(version.strip().lstrip("v").split(".")[0])
     except ValueError:
@@ -121,7 +123,7 @@ class NodeRed:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def start(self, timeout: float = 60.0) -> NodeRed:
+    def start(self, timeout: float = 60.0) -> Self:
         """Install if needed, start, and return once the flow runs."""
         red = ensure_installed()
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -140,7 +142,9 @@ class NodeRed:
                 raise RuntimeError(f"Node-RED exited with {self.process.returncode}:\n{self.log()[-3000:]}")
             if time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"Node-RED did not start its flows in {timeout:g} s:\n{self.log()[-3000:]}")
+                raise RuntimeError(
+                    f"Node-RED did not start its flows in {timeout:g} s:\n{self.log()[-3000:]}"
+                )
             time.sleep(0.1)  # a log file has no event to wait on
         return self
 

@@ -206,8 +206,7 @@ class DeviceSettings(_Model):
             return None
         if not valid_level(value):
             raise ValueError(
-                f"must be one topic level of 1 to {MAX_LEVEL} characters, without '/', '+',"
-                f" '#', {_REFUSED}"
+                f"must be one topic level of 1 to {MAX_LEVEL} characters, without '/', '+', '#', {_REFUSED}"
             )
         if value == RESERVED_SEGMENT:
             raise ValueError(f"'{RESERVED_SEGMENT}' is reserved for the bridge's own topics")

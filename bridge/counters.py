@@ -97,11 +97,14 @@ class CounterGuard:
             readings[index] = good
             held.append(key)
         if started:
-            log.insert(0, (
-                logging.WARNING,
-                "energy counter went down: " + ", ".join(started) + "; publishing the last "
-                f"good value until {self.confirm} reads in a row agree",
-            ))
+            log.insert(
+                0,
+                (
+                    logging.WARNING,
+                    "energy counter went down: " + ", ".join(started) + "; publishing the last "
+                    f"good value until {self.confirm} reads in a row agree",
+                ),
+            )
         if readings is not None:
             snap = replace(snap, readings=tuple(readings))
         return Guarded(snap, tuple(log), tuple(held))

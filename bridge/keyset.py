@@ -22,7 +22,7 @@ FORGET_AFTER = 3
 class KeyTracker:
     """The keys of one meter's recent good reads, and how long each one has been missing."""
 
-    __slots__ = ("_after", "_last", "_missing", "_known")
+    __slots__ = ("_after", "_known", "_last", "_missing")
 
     def __init__(self, after: int = FORGET_AFTER) -> None:
         if after < 1:

@@ -17,7 +17,8 @@ from .errors import BodyError
 
 # A decimal number as a meter prints it: "220.89", "586", "-3", "0.60", "1e3".
 # Deliberately excludes "nan", "inf", "", "0x10" and "1_000", which float()/int() accept,
-# and non-ASCII digits ("١٢", "１２"), which int() accepts but Node-RED's Number() reads as NaN.
+# and non-ASCII digits (Arabic-Indic "\u0661\u0662", fullwidth "\uff11\uff12"), which int()
+# accepts but Node-RED's Number() reads as NaN.
 _NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 _SEPARATOR = re.compile(r"br\d*")
 # No meter value is this long; the cap also keeps int() clear of Python's 4300-digit limit.
@@ -80,12 +81,9 @@ class Snapshot:
 
 def parse_body(body: bytes | str) -> Snapshot:
     """Parse one answer. Raises BodyError when it is not a meter body."""
-    if isinstance(body, bytes):
-        # Values and keys are ASCII; a firmware with odd bytes in a label must not cost
-        # us the readings, so undecodable bytes become U+FFFD instead of an error.
-        text = body.decode("utf-8", errors="replace")
-    else:
-        text = body
+    # Values and keys are ASCII; a firmware with odd bytes in a label must not cost
+    # us the readings, so undecodable bytes become U+FFFD instead of an error.
+    text = body.decode("utf-8", errors="replace") if isinstance(body, bytes) else body
     try:
         doc = _DECODER.decode(text)
     except (ValueError, RecursionError):

@@ -15,6 +15,7 @@ connections, so thousands of meters cost no threads.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -59,8 +60,8 @@ _GOOD_FAULTS: Final = frozenset(
     {
         "ok", "clean_json", "nonnumeric", "drop_wh", "pout_error", "odd_numbers", "odd_labels",
         "wrong_devid", "dup_devid", "churn", "many_keys",
-    }  # fmt: skip
-)
+    }
+)  # fmt: skip
 
 STANDARD_INTERVAL: Final = 60.0  # seconds between accepted requests (vendor page)
 EXTENDED_INTERVAL: Final = 6.0
@@ -84,12 +85,10 @@ _JSON: Final = "application/json; charset=utf-8"
 _TEXT: Final = "text/plain; charset=utf-8"
 _HTML: Final = "text/html; charset=utf-8"
 
-_DENIED_PAGE: Final = (
-    b"<html><head><title>smart-MAC</title></head><body><h1>Access denied</h1></body></html>"
-)
+_DENIED_PAGE: Final = b"<html><head><title>smart-MAC</title></head><body><h1>Access denied</h1></body></html>"
 _LOGIN_PAGE: Final = (
-    b"<html><head><title>smart-MAC</title></head><body><form method=\"post\">"
-    b"PIN: <input type=\"password\" name=\"devpass\"><input type=\"submit\" value=\"Login\">"
+    b'<html><head><title>smart-MAC</title></head><body><form method="post">'
+    b'PIN: <input type="password" name="devpass"><input type="submit" value="Login">'
     b"</form></body></html>"
 )
 
@@ -150,7 +149,7 @@ class SimMeter:
         self._v = [round(rng.uniform(226.0, 234.0), 2) for _ in range(self.phases)]
         self._a = [round(rng.uniform(0.0, 8.0), 2) for _ in range(self.phases)]
         self._pf = [round(rng.uniform(0.80, 0.99), 2) for _ in range(self.phases)]
-        self._w = [round(v * a * pf) for v, a, pf in zip(self._v, self._a, self._pf)]
+        self._w = [round(v * a * pf) for v, a, pf in zip(self._v, self._a, self._pf, strict=True)]
         self._wh = [float(rng.randint(10_000, 40_000_000)) for _ in range(self.phases)]
         self._t = rng.randint(15, 30)
 
@@ -253,16 +252,16 @@ def _render(m: SimMeter, fault: str) -> bytes:
     drop_wh = fault == "drop_wh"
     vals: list[str] = [m.devid, str(int(time.time())), str(m.pout)]
     for i in range(m.phases):
-        vals.append("%.2f" % m._v[i])
-        vals.append("%.2f" % m._a[i])
+        vals.append(f"{m._v[i]:.2f}")
+        vals.append(f"{m._a[i]:.2f}")
         vals.append(str(m._w[i]))
         if m.extended:
             vals.append("0")
         # The power-cut glitch seen in the field: the counter reads 1000 times too small.
-        vals.append("%.3f" % (int(m._wh[i]) / 1000) if drop_wh else str(int(m._wh[i])))
+        vals.append(f"{int(m._wh[i]) / 1000:.3f}" if drop_wh else str(int(m._wh[i])))
         if m.extended:
             vals.append("0.000" if drop_wh else "0")
-        vals.append("%.2f" % m._pf[i])
+        vals.append(f"{m._pf[i]:.2f}")
     vals.append(str(m._t))
     if fault == "nonnumeric":
         vals[3] = ""  # V1
@@ -285,21 +284,22 @@ def _render(m: SimMeter, fault: str) -> bytes:
         # Home Assistant discovery's edge cases (issue 12): a label with control characters,
         # a lone surrogate and 100 characters; a second counter wh1 beside Wh1.
         body = body.replace('"name":"Voltage 1"', '"name":"Voltage\\u0007\\n1 \\ud800%s"' % ("x" * 100), 1)
-        body = body.replace('"T":{', '"wh1":{"name":"Energy 1 again","unit":"Wh","value":"%d"},"T":{' % m._wh[0], 1)
+        body = body.replace(
+            '"T":{', f'"wh1":{{"name":"Energy 1 again","unit":"Wh","value":"{int(m._wh[0])}"}},"T":{{', 1
+        )
     elif fault == "dup_devid":
         # A second devid at the end of the envelope: JSON's last duplicate wins.
-        body = body[:-1] + ',"devid":"%s"}' % _other_devid(m.devid)
+        body = body[:-1] + f',"devid":"{_other_devid(m.devid)}"}}'
     elif fault == "churn":
         # Key names never seen before on every read (a firmware bug or a man in the middle).
         m._churn += 1
         fresh = ",".join(
-            '"X%d_%d":{"name":"Churn %d","unit":"","value":"%d"}' % (m._churn, i, i, i)
-            for i in range(_CHURN_KEYS)
+            f'"X{m._churn}_{i}":{{"name":"Churn {i}","unit":"","value":"{i}"}}' for i in range(_CHURN_KEYS)
         )
         body = body[:-2] + "," + fresh + "}}"
     elif fault == "many_keys":
         # More data keys than a bridge keeps per meter (README: 256).
-        extra = ",".join('"N%d":{"value":"%d"}' % (i, i) for i in range(257))
+        extra = ",".join(f'"N{i}":{{"value":"{i}"}}' for i in range(257))
         body = body[:-2] + "," + extra + "}}"
     return body.encode()
 
@@ -430,10 +430,8 @@ class Simulator:
         if thread is None:
             return
         if loop is not None and main is not None:
-            try:
+            with contextlib.suppress(RuntimeError):  # the loop already closed on its own
                 loop.call_soon_threadsafe(main.cancel)
-            except RuntimeError:  # the loop already closed on its own
-                pass
         thread.join(timeout=10.0)
         if thread.is_alive():
             logger.warning("simulator thread did not stop within 10 s")
@@ -460,7 +458,7 @@ class Simulator:
             loop.run_until_complete(self._main)
         except asyncio.CancelledError:
             pass  # the normal way stop() ends us
-        except BaseException as exc:  # noqa: BLE001 - handed to start() to re-raise
+        except BaseException as exc:  # anything at all: handed to start() to re-raise
             self._start_error = exc
         finally:
             self._ready.set()  # also on failure, so start() never waits forever
@@ -469,9 +467,7 @@ class Simulator:
             loop.close()
 
     async def _listen(self) -> asyncio.Server:
-        server = await asyncio.start_server(
-            self._handle, self.host, self.port, limit=_MAX_HEAD, backlog=1024
-        )
+        server = await asyncio.start_server(self._handle, self.host, self.port, limit=_MAX_HEAD, backlog=1024)
         self.port = server.sockets[0].getsockname()[1]
         logger.info("simulator: %d meters at %s", len(self.meters), self.url())
         self._ready.set()
@@ -722,14 +718,10 @@ def run_cli(
         assert task is not None
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
+            with contextlib.suppress(NotImplementedError, RuntimeError):  # Windows: Ctrl+C raises instead
                 loop.add_signal_handler(sig, task.cancel)
-            except (NotImplementedError, RuntimeError):  # Windows: Ctrl+C raises instead
-                pass
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             await sim._serve_until_cancelled(server)
-        except asyncio.CancelledError:
-            pass
         return 0
 
     try:

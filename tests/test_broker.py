@@ -45,7 +45,8 @@ class Probe:
         self.connected = threading.Event()
         self.subscribed = threading.Event()
         self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=f"probe-{uuid.uuid4().hex[:8]}",
+            CallbackAPIVersion.VERSION2,
+            client_id=f"probe-{uuid.uuid4().hex[:8]}",
             protocol=mqtt.MQTTv311,
         )
         self.client.on_connect = lambda c, u, f, rc, p: self.connected.set()
@@ -212,9 +213,7 @@ def test_stop_leaves_no_thread_and_frees_the_port(port: int) -> None:
         pass
 
 
-def test_stop_with_clients_still_connected_is_clean(
-    port: int, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_stop_with_clients_still_connected_is_clean(port: int, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING)
     broker = EmbeddedBroker(HOST, port).start()
     silent = socket.create_connection((HOST, port))  # TCP only, never sends CONNECT
@@ -267,9 +266,7 @@ def test_logs_one_info_line_and_quiets_amqtt(port: int, caplog: pytest.LogCaptur
     assert [r for r in caplog.records if r.name.split(".")[0] in ("amqtt", "transitions")] == []
 
 
-def test_amqtt_logs_are_left_alone_when_root_is_at_debug(
-    port: int, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_amqtt_logs_are_left_alone_when_root_is_at_debug(port: int, caplog: pytest.LogCaptureFixture) -> None:
     logging.getLogger("amqtt").setLevel(logging.NOTSET)
     caplog.set_level(logging.DEBUG)
 
@@ -295,7 +292,7 @@ def test_start_that_hangs_times_out_without_leaving_a_thread(
     monkeypatch.setattr(Broker, "start", hang)
     broker = EmbeddedBroker(HOST, port)
 
-    with pytest.raises(BrokerError, match="did not start within 0.3 s"):
+    with pytest.raises(BrokerError, match=r"did not start within 0\.3 s"):
         broker.start(timeout=0.3)
 
     assert broker_threads() == []
@@ -384,4 +381,7 @@ def test_an_ipv6_address_is_written_in_brackets() -> None:
     _describe = bridge.broker._describe
     taken = OSError(errno.EADDRINUSE, "Address already in use")
     assert _describe("::1", 1883, taken) == "cannot listen on [::1]:1883: address already in use"
-    assert _describe("127.0.0.1", 1883, RuntimeError("x")) == "embedded MQTT broker on 127.0.0.1:1883 failed to start: x"
+    assert (
+        _describe("127.0.0.1", 1883, RuntimeError("x"))
+        == "embedded MQTT broker on 127.0.0.1:1883 failed to start: x"
+    )

@@ -13,11 +13,14 @@ def test_only_changes_and_heartbeats_pass() -> None:
     first = [("b/m/V1", b"230"), ("b/m/Wh1", b"5"), ("b/m/relay", b"OFF")]
     assert f.select(first, now=0.0) == first  # all new
     assert f.select([("b/m/V1", b"231"), ("b/m/Wh1", b"5"), ("b/m/relay", b"OFF")], now=60.0) == [
-        ("b/m/V1", b"231")]
+        ("b/m/V1", b"231")
+    ]
     assert f.select([("b/m/V1", b"231"), ("b/m/Wh1", b"5"), ("b/m/relay", b"OFF")], now=120.0) == []
     # Wh1 and relay were last sent at 0, V1 at 60: at 300 the first two are due again.
     assert f.select([("b/m/V1", b"231"), ("b/m/Wh1", b"5"), ("b/m/relay", b"OFF")], now=300.0) == [
-        ("b/m/Wh1", b"5"), ("b/m/relay", b"OFF")]
+        ("b/m/Wh1", b"5"),
+        ("b/m/relay", b"OFF"),
+    ]
     assert f.select([("b/m/V1", b"231")], now=359.9) == []
     assert f.select([("b/m/V1", b"231")], now=360.0) == [("b/m/V1", b"231")]
 
@@ -32,7 +35,9 @@ def test_compare_value_replaces_the_payload() -> None:
     f = ChangeFilter(heartbeat=300)
     assert f.select([("b/m/state", b'{"time":1}')], 0, {"b/m/state": "same"})
     assert f.select([("b/m/state", b'{"time":2}')], 6, {"b/m/state": "same"}) == []
-    assert f.select([("b/m/state", b'{"time":3}')], 12, {"b/m/state": "other"}) == [("b/m/state", b'{"time":3}')]
+    assert f.select([("b/m/state", b'{"time":3}')], 12, {"b/m/state": "other"}) == [
+        ("b/m/state", b'{"time":3}')
+    ]
 
 
 def test_state_fingerprint_ignores_the_meter_clock() -> None:
@@ -41,7 +46,8 @@ def test_state_fingerprint_ignores_the_meter_clock() -> None:
     assert state_fingerprint(a) == state_fingerprint(Snapshot("1", 1006, 0, readings))
     assert state_fingerprint(a) != state_fingerprint(Snapshot("1", 1006, 1, readings))
     assert state_fingerprint(a) != state_fingerprint(
-        Snapshot("1", 1006, 0, (Reading("V1", "V", "V", "230.1", 230.1),)))  # the text as sent
+        Snapshot("1", 1006, 0, (Reading("V1", "V", "V", "230.1", 230.1),))
+    )  # the text as sent
 
 
 def test_forget_drops_only_the_given_topics() -> None:

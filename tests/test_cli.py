@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from shapes import json_object
 from support import (
     LOOPBACK,
     Probe,
@@ -24,7 +25,9 @@ from bridge.simulator import SimMeter, Simulator
 PIN = "470193"
 
 
-def test_run_publishes_and_sigterm_publishes_offline(tmp_path: Path, rig: Rig, processes: list[Process]) -> None:
+def test_run_publishes_and_sigterm_publishes_offline(
+    tmp_path: Path, rig: Rig, processes: list[Process]
+) -> None:
     meter = SimMeter(devid="1728053249", pin=PIN, phases=3, extended=True)
     sim = rig.simulator([meter])
     config = write_config(
@@ -87,7 +90,7 @@ devices: [{{id: "17", pin: "{PIN}", host: "{LOOPBACK}:{sim.port}", extended: tru
     wait_for_port(port)
     probe = Probe(port, "smartmac/#").start()
     try:
-        assert probe.wait_for("smartmac/17/state").json()["devid"] == "17"
+        assert json_object(probe.wait_for("smartmac/17/state").json())["devid"] == "17"
         late = Probe(port, "smartmac/17/state").start()
         late.wait_for("smartmac/17/state", lambda m: m.retain, timeout=5)
         late.stop()
@@ -124,8 +127,8 @@ def test_demo_runs_on_embedded_defaults(tmp_path: Path, processes: list[Process]
     wait_for_port(port)
     probe = Probe(port, "smartmac/#").start()
     try:
-        three = probe.wait_for("smartmac/demo3/state").json()
-        one = probe.wait_for("smartmac/demo1/state").json()
+        three = json_object(probe.wait_for("smartmac/demo3/state").json())
+        one = json_object(probe.wait_for("smartmac/demo1/state").json())
         assert {"V3", "Wh3", "rWh3"} <= set(three) and "V1" in one and "V2" not in one
         assert f"mosquitto_sub -h 127.0.0.1 -p {port} -t 'smartmac/#' -v" in demo.stdout
         assert demo.terminate() == 0
@@ -142,10 +145,19 @@ def test_demo_runs_on_embedded_defaults(tmp_path: Path, processes: list[Process]
         # Topic settings a broker refuses: refused before anything starts (issue 12).
         (r'mqtt: {base_topic: "smart\tmac"}', "mqtt.base_topic: must not contain"),
         (r'homeassistant: {prefix: "ha\uFFFF"}', "homeassistant.prefix: must not contain"),
-        (r'devices: [{id: "1", pin: "x", host: h, topic: "gar\x07age"}]', "devices.0.topic: must be one topic level"),
+        (
+            r'devices: [{id: "1", pin: "x", host: h, topic: "gar\x07age"}]',
+            "devices.0.topic: must be one topic level",
+        ),
         (r'mqtt: {client_id: "bridge\x00"}', "mqtt.client_id: must not contain"),
-        ("devices: [{id: '1', pin: 'x', host: '127.0.0.1:0'}]", "devices.0.host: port must be a number from 1 to 65535"),
-        ("devices: [{id: '1', pin: 'x', host: 'http://:pw@h'}]", "devices.0.host: give host or host:port only"),
+        (
+            "devices: [{id: '1', pin: 'x', host: '127.0.0.1:0'}]",
+            "devices.0.host: port must be a number from 1 to 65535",
+        ),
+        (
+            "devices: [{id: '1', pin: 'x', host: 'http://:pw@h'}]",
+            "devices.0.host: give host or host:port only",
+        ),
     ],
 )
 def test_config_errors_exit_2_with_the_key(
@@ -208,8 +220,16 @@ def test_probe_prints_a_table(
     meter = SimMeter(devid="1728053249", pin=PIN, phases=3, extended=True)
     sim = simulator([meter])
     probe = Process(
-        tmp_path, "probe", "--host", f"{LOOPBACK}:{sim.port}", "--id", meter.devid, "--pin", PIN,
-        "--relay", "on",
+        tmp_path,
+        "probe",
+        "--host",
+        f"{LOOPBACK}:{sim.port}",
+        "--id",
+        meter.devid,
+        "--pin",
+        PIN,
+        "--relay",
+        "on",
     )
     processes.append(probe)
     assert probe.proc.wait(10) == 0, probe.stderr
@@ -260,7 +280,9 @@ def test_probe_without_any_pin_is_a_config_error(
 
 
 def test_probe_pin_that_is_not_text_is_a_config_error(tmp_path: Path, processes: list[Process]) -> None:
-    probe = Process(tmp_path, "probe", "--host", f"{LOOPBACK}:1", "--id", "17", env={"SMARTMAC_PIN": "12\t34"})
+    probe = Process(
+        tmp_path, "probe", "--host", f"{LOOPBACK}:1", "--id", "17", env={"SMARTMAC_PIN": "12\t34"}
+    )
     processes.append(probe)
     assert probe.proc.wait(10) == 2
     assert "--pin: holds a control character" in probe.stderr and "Traceback" not in probe.stderr

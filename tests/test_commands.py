@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+from shapes import json_object, present
 from support import Rig, assert_rate_limit_kept, device, wait_until
 
 from bridge.simulator import SimMeter, Simulator, make_fleet
@@ -26,7 +27,9 @@ def test_toggle_before_the_first_read_is_refused(rig: Rig) -> None:
     probe.wait_for("smartmac/bridge/availability")  # connected, so subscribed
     probe.publish("smartmac/m/relay/set", "TOGGLE")
     assert probe.wait_for("smartmac/m/relay/result").json() == {
-        "ok": False, "error": "relay state not known yet; send ON or OFF"}
+        "ok": False,
+        "error": "relay state not known yet; send ON or OFF",
+    }
     assert meter.pout_requests == []
 
 
@@ -38,13 +41,13 @@ def test_a_command_not_confirmed_within_two_intervals_fails_and_is_never_replaye
     sim.set_fault(meter.devid, "http500")  # the meter stops answering usefully
     mark = probe.mark()
     probe.publish("smartmac/m/relay/set", "ON")
-    result = probe.wait_for("smartmac/m/relay/result", after=mark, timeout=20).json()
+    result = json_object(probe.wait_for("smartmac/m/relay/result", after=mark, timeout=20).json())
     assert result["ok"] is False
     assert "not confirmed by the meter within 13 s" in result["error"] and "HTTP 500" in result["error"]
     # The meter comes back: the next request is a plain poll, the command is gone.
     sim.set_fault(meter.devid, "ok")
     mark = probe.mark()
-    assert probe.wait_for("smartmac/m/state", after=mark, timeout=10).json()["relay"] == "OFF"
+    assert json_object(probe.wait_for("smartmac/m/state", after=mark, timeout=10).json())["relay"] == "OFF"
     assert meter.pout_requests == [] and meter.pout == 0
     assert len([m for m in probe.messages if m.topic == "smartmac/m/relay/result"]) == 1
     assert_rate_limit_kept(sim)
@@ -66,14 +69,14 @@ def test_the_result_follows_the_reported_pout_not_the_http_status(rig: Rig, heal
         wait_until(lambda: meter.pout_requests != [], 10, "the command reached the meter")
         assert meter.pout == 1
         sim.set_fault(meter.devid, "ok")
-    result = probe.wait_for("smartmac/m/relay/result", after=mark, timeout=20).json()
+    result = json_object(probe.wait_for("smartmac/m/relay/result", after=mark, timeout=20).json())
     assert result == {"ok": True, "relay": "ON"}
     # After an HTTP error the next slot reads the meter without pout first: the relay is
     # already ON, so that read confirms the command and nothing is switched twice.
     assert [v for _, v in meter.pout_requests] == [1]
     results = [m for m in probe.messages[mark:] if m.topic == "smartmac/m/relay/result"]
     assert len(results) == 1
-    assert probe.last("smartmac/m/relay").payload == b"ON"  # type: ignore[union-attr]
+    assert present(probe.last("smartmac/m/relay")).payload == b"ON"
     assert_rate_limit_kept(sim)
 
 
@@ -86,8 +89,8 @@ def test_a_meter_whose_request_cannot_start_does_not_stop_the_others(rig: Rig) -
     rig.bridge([bad, device(sim, meter, topic="good")])
     probe.wait_for("smartmac/bad/availability", lambda m: m.payload == b"offline", timeout=20)
     wait_until(lambda: meter.ok >= 3, 20, "three polls of the good meter")
-    assert probe.last("smartmac/good/availability").payload == b"online"  # type: ignore[union-attr]
-    assert probe.last("smartmac/bridge/availability").payload == b"online"  # type: ignore[union-attr]
+    assert present(probe.last("smartmac/good/availability")).payload == b"online"
+    assert present(probe.last("smartmac/bridge/availability")).payload == b"online"
 
 
 def test_a_command_waiting_for_its_slot_gets_an_error_on_shutdown(
@@ -105,7 +108,9 @@ def test_a_command_waiting_for_its_slot_gets_an_error_on_shutdown(
     wait_until(lambda: "relay command ON" in caplog.text, 5, "the bridge took the command")
     bridge.stop()
     assert probe.wait_for("smartmac/m/relay/result", after=mark, timeout=5).json() == {
-        "ok": False, "error": "bridge shutting down"}
+        "ok": False,
+        "error": "bridge shutting down",
+    }
     probe.wait_for("smartmac/m/availability", lambda m: m.payload == b"offline", after=mark)
     assert meter.pout_requests == []
 

@@ -24,9 +24,21 @@ def texts(s: Snapshot) -> dict[str, str]:
 
 @pytest.mark.parametrize(
     ("key", "counter"),
-    [("Wh", True), ("Wh1", True), ("rWh3", True), ("TWh", True), ("rTWh", True), ("Wh12", True),
-     ("W1", False), ("rW1", False), ("V1", False), ("T", False), ("wh1", False), ("TWh1x", False),
-     ("Ch1", False)],
+    [
+        ("Wh", True),
+        ("Wh1", True),
+        ("rWh3", True),
+        ("TWh", True),
+        ("rTWh", True),
+        ("Wh12", True),
+        ("W1", False),
+        ("rW1", False),
+        ("V1", False),
+        ("T", False),
+        ("wh1", False),
+        ("TWh1x", False),
+        ("Ch1", False),
+    ],
 )
 def test_counter_keys(key: str, counter: bool) -> None:
     assert is_counter(key) is counter

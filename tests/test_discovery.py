@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 import pytest
+from shapes import json_object
 
 from bridge import __version__
 from bridge.discovery import DeviceInfo, Discovery, model, sensor_class, signature
@@ -44,16 +45,37 @@ HA_STATE_CLASSES: dict[str, set[str]] = {
     "temperature": {"measurement"},
 }
 # HA strips "<discovery prefix>/" off the topic, then matches the rest with this.
-HA_TOPIC = re.compile(r"(?P<component>\w+)/(?:(?P<node_id>[a-zA-Z0-9_-]+)/)?(?P<object_id>[a-zA-Z0-9_-]+)/config")
+HA_TOPIC = re.compile(
+    r"(?P<component>\w+)/(?:(?P<node_id>[a-zA-Z0-9_-]+)/)?(?P<object_id>[a-zA-Z0-9_-]+)/config"
+)
 HA_ENTITY_ID = re.compile(r"(?!.+__)(?!_)[\da-z_]+(?<!_)\.(?!_)[\da-z_]+(?<!_)")
 # Keys of the sensor and switch configs we send (full names; HA also knows abbreviations).
 SENSOR_KEYS = {
-    "name", "unique_id", "default_entity_id", "state_topic", "device_class", "state_class",
-    "unit_of_measurement", "availability", "availability_mode", "device", "origin",
+    "name",
+    "unique_id",
+    "default_entity_id",
+    "state_topic",
+    "device_class",
+    "state_class",
+    "unit_of_measurement",
+    "availability",
+    "availability_mode",
+    "device",
+    "origin",
 }
 SWITCH_KEYS = {
-    "name", "unique_id", "default_entity_id", "state_topic", "command_topic", "payload_on",
-    "payload_off", "retain", "availability", "availability_mode", "device", "origin",
+    "name",
+    "unique_id",
+    "default_entity_id",
+    "state_topic",
+    "command_topic",
+    "payload_on",
+    "payload_off",
+    "retain",
+    "availability",
+    "availability_mode",
+    "device",
+    "origin",
 }
 DEVICE_KEYS = {"identifiers", "name", "manufacturer", "model"}
 COUNTERS = re.compile(r"r?T?Wh\d*")
@@ -95,6 +117,7 @@ def check_ha_rules(topic: str, config: dict[str, object]) -> None:
     device_class = config.get("device_class")
     unit = config.get("unit_of_measurement")
     if device_class is not None:
+        assert isinstance(device_class, str), (key, device_class)
         assert unit in HA_UNITS[device_class], (key, device_class, unit)
         assert config["state_class"] in HA_STATE_CLASSES[device_class], key
     if config.get("state_class") == "total_increasing":
@@ -118,39 +141,55 @@ def test_every_config_keeps_the_ha_rules(phases: int, extended: bool) -> None:
         assert config["unique_id"] == f"smartmac_1728053249_{reading.key}"
         assert config["name"] == reading.name  # the meter's own label
         assert config["availability"] == [
-            {"topic": "smartmac/bridge/availability"}, {"topic": "smartmac/garage/availability"}]
-        assert config["device"]["name"] == "Garage"  # type: ignore[index]
+            {"topic": "smartmac/bridge/availability"},
+            {"topic": "smartmac/garage/availability"},
+        ]
+        assert json_object(config["device"])["name"] == "Garage"
     relay = found["homeassistant/switch/smartmac_1728053249/relay/config"]
     assert relay["unique_id"] == "smartmac_1728053249_relay"
     assert relay["default_entity_id"] == "switch.smartmac_1728053249_relay"
-    assert (relay["state_topic"], relay["command_topic"]) == ("smartmac/garage/relay", "smartmac/garage/relay/set")
+    assert (relay["state_topic"], relay["command_topic"]) == (
+        "smartmac/garage/relay",
+        "smartmac/garage/relay/set",
+    )
     assert (relay["payload_on"], relay["payload_off"]) == ("ON", "OFF")
 
 
 def test_classes_by_key_family() -> None:
     device = DeviceInfo("1", "m", "M", True)
     keys = {
-        "V1": ("voltage", "V", "measurement"), "V": ("voltage", "V", "measurement"),
-        "A2": ("current", "A", "measurement"), "A": ("current", "A", "measurement"),
-        "W3": ("power", "W", "measurement"), "rW1": ("power", "W", "measurement"),
-        "Wh1": ("energy", "Wh", "total_increasing"), "rWh2": ("energy", "Wh", "total_increasing"),
-        "TWh": ("energy", "Wh", "total_increasing"), "rTWh": ("energy", "Wh", "total_increasing"),
-        "PF1": ("power_factor", None, "measurement"), "Fr1": ("frequency", "Hz", "measurement"),
-        "T": ("temperature", "°C", "measurement"), "T3": ("temperature", "°C", "measurement"),
+        "V1": ("voltage", "V", "measurement"),
+        "V": ("voltage", "V", "measurement"),
+        "A2": ("current", "A", "measurement"),
+        "A": ("current", "A", "measurement"),
+        "W3": ("power", "W", "measurement"),
+        "rW1": ("power", "W", "measurement"),
+        "Wh1": ("energy", "Wh", "total_increasing"),
+        "rWh2": ("energy", "Wh", "total_increasing"),
+        "TWh": ("energy", "Wh", "total_increasing"),
+        "rTWh": ("energy", "Wh", "total_increasing"),
+        "PF1": ("power_factor", None, "measurement"),
+        "Fr1": ("frequency", "Hz", "measurement"),
+        "T": ("temperature", "°C", "measurement"),
+        "T3": ("temperature", "°C", "measurement"),
         "Temp": ("temperature", "°C", "measurement"),
-        "Ch1": (None, "imp", None), "TCh1": (None, None, None), "ADC": (None, "mV", None),
+        "Ch1": (None, "imp", None),
+        "TCh1": (None, None, None),
+        "ADC": (None, "mV", None),
     }
     units = {"PF1": "", "TCh1": "", "Ch1": "imp", "ADC": "mV", "V": "", "A": ""}
     readings = tuple(
-        Reading(key, f"name {key}", units.get(key, unit or ""), "1", 1)
-        for key, (_, unit, _) in keys.items()
+        Reading(key, f"name {key}", units.get(key, unit or ""), "1", 1) for key, (_, unit, _) in keys.items()
     )
     found = configs(device, readings)
     for key, (device_class, unit, state_class) in keys.items():
         config = found[f"homeassistant/sensor/smartmac_1/{key}/config"]
         check_ha_rules(f"homeassistant/sensor/smartmac_1/{key}/config", config)
         assert (config.get("device_class"), config.get("unit_of_measurement"), config.get("state_class")) == (
-            device_class, unit, state_class), key
+            device_class,
+            unit,
+            state_class,
+        ), key
 
 
 @pytest.mark.parametrize(
@@ -192,13 +231,17 @@ def test_keys_that_cannot_be_announced_are_left_out() -> None:
     )
     found = configs(DeviceInfo("7", "m", "M", False), readings)
     assert sorted(found) == [
-        "homeassistant/sensor/smartmac_7/V1/config", "homeassistant/switch/smartmac_7/relay/config"]
+        "homeassistant/sensor/smartmac_7/V1/config",
+        "homeassistant/switch/smartmac_7/relay/config",
+    ]
 
 
 def test_default_entity_id_is_a_valid_slug() -> None:
     readings = (Reading("Ab-c_", "odd", "", "1", 1), Reading("X_Y", "odd", "", "1", 1))
     found = configs(DeviceInfo("7", "m", "M", False), readings)
-    assert found["homeassistant/sensor/smartmac_7/Ab-c_/config"]["default_entity_id"] == "sensor.smartmac_7_ab_c"
+    assert (
+        found["homeassistant/sensor/smartmac_7/Ab-c_/config"]["default_entity_id"] == "sensor.smartmac_7_ab_c"
+    )
     assert found["homeassistant/sensor/smartmac_7/X_Y/config"]["default_entity_id"] == "sensor.smartmac_7_x_y"
 
 
@@ -236,7 +279,9 @@ def test_announce_only_when_the_keys_change() -> None:
     sig2, messages = DISCOVERY.announce(device, changed, sig)
     assert messages[0] == ("homeassistant/sensor/smartmac_7/Wh1/config", b"")
     assert [t for t, _ in messages[1:]] == [
-        "homeassistant/sensor/smartmac_7/V1/config", "homeassistant/switch/smartmac_7/relay/config"]
+        "homeassistant/sensor/smartmac_7/V1/config",
+        "homeassistant/switch/smartmac_7/relay/config",
+    ]
     assert json.loads(messages[1][1])["name"] == "Spannung 1"
     assert sig2 == signature(changed)
 
@@ -272,7 +317,10 @@ def test_owned_devid(topic: str, payload: bytes, devid: str | None) -> None:
 
 def test_owned_devid_with_a_multi_level_prefix() -> None:
     discovery = Discovery("ha/disc", "site/meters", "1")
-    assert discovery.owned_devid("ha/disc/sensor/smartmac_5/W/config", b'{"state_topic":"site/meters/m/W"}') == "5"
+    assert (
+        discovery.owned_devid("ha/disc/sensor/smartmac_5/W/config", b'{"state_topic":"site/meters/m/W"}')
+        == "5"
+    )
     assert discovery.subscriptions() == ["ha/disc/sensor/+/+/config", "ha/disc/switch/+/+/config"]
     assert discovery.status_topic == "ha/disc/status"
 
@@ -305,7 +353,11 @@ def test_keys_that_differ_in_case_or_punctuation_get_distinct_entity_ids() -> No
     device = DeviceInfo("5", "m", "M", False)
     for order in (keys, sorted(keys), keys[::-1]):
         readings = tuple(Reading(k, k, "", "1", 1) for k in order)
-        ids = {t.split("/")[3]: c["default_entity_id"] for t, c in configs(device, readings).items() if "/sensor/" in t}
+        ids = {
+            t.split("/")[3]: c["default_entity_id"]
+            for t, c in configs(device, readings).items()
+            if "/sensor/" in t
+        }
         assert ids == {
             "V1": "sensor.smartmac_5_v1",
             "WH1": "sensor.smartmac_5_wh1",  # 'W' 'H' sorts before 'W' 'h' and 'w'
@@ -336,12 +388,17 @@ def test_keys_that_differ_in_case_or_punctuation_get_distinct_entity_ids() -> No
 )
 def test_a_label_is_cleaned_and_capped(label: str, name: str) -> None:
     device = DeviceInfo("5", "m", "M", False)
-    (sensor,) = [c for t, c in configs(device, (Reading("V1", label, "V\n", "1", 1),)).items() if "/sensor/" in t]
+    (sensor,) = [
+        c for t, c in configs(device, (Reading("V1", label, "V\n", "1", 1),)).items() if "/sensor/" in t
+    ]
     assert sensor["name"] == name
     assert sensor["unit_of_measurement"] == "V" and sensor["device_class"] == "voltage"
 
 
 def test_a_label_from_a_real_body_with_escapes() -> None:
-    body = b'{"devid":"5","time":"1","pout":"0","data":{"V1":{"name":"Volt\\u0007\\ud800 1","unit":"V","value":"1"}}}'
+    body = (
+        b'{"devid":"5","time":"1","pout":"0",'
+        b'"data":{"V1":{"name":"Volt\\u0007\\ud800 1","unit":"V","value":"1"}}}'
+    )
     found = configs(DeviceInfo("5", "m", "M", False), parse_body(body).readings)
     assert found["homeassistant/sensor/smartmac_5/V1/config"]["name"] == "Volt 1"

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from shapes import json_object
 from support import LOOPBACK, Rig
 
 from bridge.config import DeviceSettings, load_settings
@@ -72,7 +73,9 @@ def test_demo_bridge_polls_the_demo_simulator(rig: Rig, monkeypatch: pytest.Monk
     devices = _demo_settings(monkeypatch)
     args = _simulate_args()
     assert args["--host"] == "0.0.0.0" and args["--port"] == "8080"  # inside the container
-    fleet = make_fleet(int(args["--devices"]), phases=int(args["--phases"]), extended=bool(args.get("--extended")))
+    fleet = make_fleet(
+        int(args["--devices"]), phases=int(args["--phases"]), extended=bool(args.get("--extended"))
+    )
     assert [(d.id, d.pin.get_secret_value()) for d in devices] == [(m.devid, m.pin) for m in fleet]
     assert {d.host for d in devices} == {"simulator:8080"}
     # The same devices, pointed at the simulator here instead of the container's name.
@@ -82,17 +85,23 @@ def test_demo_bridge_polls_the_demo_simulator(rig: Rig, monkeypatch: pytest.Monk
     probe = rig.probe("smartmac-demo/#")
     rig.bridge(local, base_topic="smartmac-demo")
     for device in devices:
-        state = probe.wait_for(f"smartmac-demo/{device.segment}/state").json()
-        assert state["devid"] == device.id  # type: ignore[index]
+        state = json_object(probe.wait_for(f"smartmac-demo/{device.segment}/state").json())
+        assert state["devid"] == device.id
     assert sim.total_rate_limited() == 0 and all(m.bad_pin == 0 for m in fleet)
 
 
-@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose not installed (CI installs it)")
+@pytest.mark.skipif(
+    shutil.which("docker-compose") is None, reason="docker-compose not installed (CI installs it)"
+)
 def test_compose_file_is_valid() -> None:
     # What CI runs (`docker-compose config -q`), here with the demo profile's services too.
     result = subprocess.run(
         ["docker-compose", "--profile", "demo", "config"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     assert set(yaml.safe_load(result.stdout)["services"]) == set(SERVICES)

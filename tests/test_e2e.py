@@ -11,6 +11,7 @@ import re
 
 import pytest
 from paho.mqtt.client import topic_matches_sub
+from shapes import json_object, present
 from support import Rig, assert_rate_limit_kept, device
 
 from bridge.service import Bridge
@@ -56,14 +57,14 @@ def test_every_topic_carries_the_meter_values(
     rig.bridge([device(sim, three, topic="garage", name="Garage"), device(sim, one)])
 
     probe.wait_for("smartmac/bridge/availability", lambda m: m.payload == b"online")
-    info = probe.wait_for("smartmac/bridge/info").json()
+    info = json_object(probe.wait_for("smartmac/bridge/info").json())
     assert info["version"]
     assert info["devices"] == [
         {"id": three.devid, "name": "Garage", "topic": "garage", "extended": True, "interval": 6.0},
         {"id": one.devid, "name": one.devid, "topic": one.devid, "extended": False, "interval": 60.0},
     ]
     for segment, meter, keys in (("garage", three, 21 + 1), (one.devid, one, 5 + 1)):
-        state = probe.wait_for(f"smartmac/{segment}/state").json()
+        state = json_object(probe.wait_for(f"smartmac/{segment}/state").json())
         assert state["devid"] == meter.devid and isinstance(state["time"], int)
         assert state["pout"] == 0 and state["relay"] == "OFF"
         readings = {k: v for k, v in state.items() if k not in ("devid", "time", "pout", "relay")}
@@ -75,16 +76,20 @@ def test_every_topic_carries_the_meter_values(
         assert probe.wait_for(f"smartmac/{segment}/relay").payload == b"OFF"
         probe.wait_for(f"smartmac/{segment}/availability", lambda m: m.payload == b"online")
     assert not [m.topic for m in probe.messages if re.search(r"/br\d", m.topic)]
-    assert set(probe.last("smartmac/garage/state").json()) >= {"V1", "V3", "rWh3", "T"}  # type: ignore[union-attr]
+    assert set(json_object(present(probe.last("smartmac/garage/state")).json())) >= {"V1", "V3", "rWh3", "T"}
 
     # A subscriber that comes later gets every topic retained, with its latest payload.
     latest = {m.topic: m.payload for m in probe.messages}
     late = rig.probe("smartmac/#")
     for topic in latest:
-        assert late.wait_for(topic, lambda m: m.retain, timeout=5).payload == probe.last(topic).payload  # type: ignore[union-attr]
+        assert (
+            late.wait_for(topic, lambda m: m.retain, timeout=5).payload == present(probe.last(topic)).payload
+        )
     # B/+/state matches meter states only: checked on every topic the bridge published.
     assert {t for t in latest if topic_matches_sub("smartmac/+/state", t)} == {
-        "smartmac/garage/state", f"smartmac/{one.devid}/state"}
+        "smartmac/garage/state",
+        f"smartmac/{one.devid}/state",
+    }
 
     assert_rate_limit_kept(sim)
     assert PIN_3 not in caplog.text and PIN_1 not in caplog.text
@@ -103,13 +108,15 @@ def test_relay_commands_switch_the_meter(rig: Rig, meters: tuple[SimMeter, SimMe
     assert result.json() == {"ok": True, "relay": "ON"} and not result.retain
     assert three.pout == 1 and [v for _, v in three.pout_requests] == [1]
     # The relay topic was already updated when the result arrived.
-    assert probe.last("smartmac/garage/relay").payload == b"ON"  # type: ignore[union-attr]
-    assert probe.last("smartmac/garage/state").json()["relay"] == "ON"  # type: ignore[union-attr]
+    assert present(probe.last("smartmac/garage/relay")).payload == b"ON"
+    assert json_object(present(probe.last("smartmac/garage/state")).json())["relay"] == "ON"
 
     mark = probe.mark()
     probe.publish("smartmac/garage/relay/set", '{"state": "TOGGLE"}')
     assert probe.wait_for("smartmac/garage/relay/result", after=mark, timeout=15).json() == {
-        "ok": True, "relay": "OFF"}
+        "ok": True,
+        "relay": "OFF",
+    }
     assert three.pout == 0
     assert_rate_limit_kept(sim)
 
@@ -146,14 +153,16 @@ def test_bad_and_retained_commands_never_switch(
     for payload in garbage:
         mark = probe.mark()
         probe.publish("smartmac/garage/relay/set", payload)
-        result = probe.wait_for("smartmac/garage/relay/result", after=mark).json()
+        result = json_object(probe.wait_for("smartmac/garage/relay/result", after=mark).json())
         assert result["ok"] is False and result["error"], payload
 
     # The retained ON was ignored: no result for it, and the meter saw no pout at all,
     # even at its next slot (the state published after it still says OFF).
     first_state = probe.wait_for("smartmac/garage/state")
-    second_state = probe.wait_for("smartmac/garage/state", after=probe.messages.index(first_state) + 1, timeout=15)
-    assert second_state.json()["relay"] == "OFF"
+    second_state = probe.wait_for(
+        "smartmac/garage/state", after=probe.messages.index(first_state) + 1, timeout=15
+    )
+    assert json_object(second_state.json())["relay"] == "OFF"
     assert three.pout_requests == [] and three.pout == 0
     results = [m for m in probe.messages if m.topic == "smartmac/garage/relay/result"]
     assert len(results) == len(garbage)
@@ -171,7 +180,9 @@ def test_commands_before_the_slot_coalesce(rig: Rig, meters: tuple[SimMeter, Sim
     mark = probe.mark()
     for payload in ("ON", "OFF", "ON"):
         probe.publish("smartmac/garage/relay/set", payload)
-    probe.wait_for("smartmac/garage/relay/result", lambda m: m.json().get("ok") is True, after=mark)
+    probe.wait_for(
+        "smartmac/garage/relay/result", lambda m: json_object(m.json()).get("ok") is True, after=mark
+    )
     results = [m.json() for m in probe.messages[mark:] if m.topic == "smartmac/garage/relay/result"]
     assert results == [
         {"ok": False, "error": "superseded"},
@@ -250,9 +261,16 @@ def test_republishes_everything_after_a_broker_restart(
     sim = rig.simulator([three, one])
     probe = rig.probe("smartmac/#")
     bridge = rig.bridge([device(sim, three, topic="garage"), device(sim, one, topic="one")])
-    topics = ("smartmac/bridge/availability", "smartmac/bridge/info", "smartmac/one/state",
-              "smartmac/one/V1", "smartmac/one/relay", "smartmac/one/availability",
-              "smartmac/garage/state", "smartmac/garage/availability")
+    topics = (
+        "smartmac/bridge/availability",
+        "smartmac/bridge/info",
+        "smartmac/one/state",
+        "smartmac/one/V1",
+        "smartmac/one/relay",
+        "smartmac/one/availability",
+        "smartmac/garage/state",
+        "smartmac/garage/availability",
+    )
     for topic in topics:
         probe.wait_for(topic)
     before = {m.topic: m.payload for m in probe.messages}

@@ -12,6 +12,7 @@ import json
 import logging
 
 import pytest
+from shapes import json_object
 from support import Message, Rig, assert_rate_limit_kept, device
 from test_discovery import check_ha_rules
 
@@ -58,8 +59,8 @@ def test_discovery_configs_resend_and_ghost_cleanup(rig: Rig, caplog: pytest.Log
         probe.wait_for(topic, lambda m: m.payload == b"", timeout=15)
     expected: dict[str, SimMeter] = {}
     for segment, meter, keys in (("garage", three, 22), (one.devid, one, 6)):
-        state = probe.wait_for(f"smartmac/{segment}/state").json()
-        readings = [k for k in state if k not in ("devid", "time", "pout", "relay")]  # type: ignore[union-attr]
+        state = json_object(probe.wait_for(f"smartmac/{segment}/state").json())
+        readings = [k for k in state if k not in ("devid", "time", "pout", "relay")]
         assert len(readings) == keys
         for key in readings:
             expected[f"homeassistant/sensor/smartmac_{meter.devid}/{key}/config"] = meter
@@ -67,14 +68,14 @@ def test_discovery_configs_resend_and_ghost_cleanup(rig: Rig, caplog: pytest.Log
 
     configs: dict[str, dict[str, object]] = {}
     for topic in expected:
-        configs[topic] = probe.wait_for(topic).json()  # type: ignore[assignment]
+        configs[topic] = json_object(probe.wait_for(topic).json())
         check_ha_rules(topic, configs[topic])
     unique_ids = [c["unique_id"] for c in configs.values()]
     assert len(unique_ids) == len(set(unique_ids)) == 22 + 6 + 2
     for topic, config in configs.items():
         meter = expected[topic]
         segment = "garage" if meter is three else one.devid
-        assert config["device"] == {  # type: ignore[comparison-overlap]
+        assert config["device"] == {
             "identifiers": [f"smartmac_{meter.devid}"],
             "name": "Garage" if meter is three else "Workshop",
             "manufacturer": "SMART MAIC",
@@ -82,13 +83,18 @@ def test_discovery_configs_resend_and_ghost_cleanup(rig: Rig, caplog: pytest.Log
         }
         assert config["origin"] == {"name": "smartmac-bridge", "sw_version": __version__}
         assert config["availability"] == [
-            {"topic": "smartmac/bridge/availability"}, {"topic": f"smartmac/{segment}/availability"}]
+            {"topic": "smartmac/bridge/availability"},
+            {"topic": f"smartmac/{segment}/availability"},
+        ]
         # The state topic each config names carries the value, retained.
-        state = probe.wait_for(str(config["state_topic"]))
-        assert state.payload in (b"ON", b"OFF") if "switch" in topic else float(state.payload) >= 0
+        value = probe.wait_for(str(config["state_topic"]))
+        assert value.payload in (b"ON", b"OFF") if "switch" in topic else float(value.payload) >= 0
     garage_wh = configs["homeassistant/sensor/smartmac_1728053249/Wh1/config"]
     assert (garage_wh["device_class"], garage_wh["state_class"], garage_wh["unit_of_measurement"]) == (
-        "energy", "total_increasing", "Wh")
+        "energy",
+        "total_increasing",
+        "Wh",
+    )
     relay = configs["homeassistant/switch/smartmac_1728053249/relay/config"]
     assert relay["command_topic"] == "smartmac/garage/relay/set"
 
@@ -108,8 +114,10 @@ def test_discovery_configs_resend_and_ghost_cleanup(rig: Rig, caplog: pytest.Log
     mark = probe.mark()
     probe.publish("homeassistant/status", "online")
     for topic in expected:
-        assert probe.wait_for(topic, after=mark).payload == json.dumps(
-            configs[topic], separators=(",", ":"), ensure_ascii=False).encode()
+        assert (
+            probe.wait_for(topic, after=mark).payload
+            == json.dumps(configs[topic], separators=(",", ":"), ensure_ascii=False).encode()
+        )
     for segment in ("garage", one.devid):
         for sub in ("state", "relay", "availability", "V1"):
             probe.wait_for(f"smartmac/{segment}/{sub}", after=mark)
@@ -136,7 +144,9 @@ def test_discovery_off_announces_nothing(rig: Rig) -> None:
     probe.sync("homeassistant")
     ha = [m for m in probe.messages if m.topic.startswith("homeassistant/") and "probe-sync" not in m.topic]
     assert [(m.topic, m.payload) for m in ha] == [
-        (ghost, ghost_config("smartmac/old/V1")), ("homeassistant/status", b"online")]
+        (ghost, ghost_config("smartmac/old/V1")),
+        ("homeassistant/status", b"online"),
+    ]
     probe.publish(ghost, b"", retain=True)
 
 
@@ -144,8 +154,8 @@ def _changed(previous: Message, message: Message) -> bool:
     if message.topic.endswith("/state"):
         # The state JSON always differs in the meter's clock; on_change ignores that.
         drop = ("time",)
-        a = {k: v for k, v in previous.json().items() if k not in drop}  # type: ignore[union-attr]
-        b = {k: v for k, v in message.json().items() if k not in drop}  # type: ignore[union-attr]
+        a = {k: v for k, v in json_object(previous.json()).items() if k not in drop}
+        b = {k: v for k, v in json_object(message.json()).items() if k not in drop}
         return a != b
     return previous.payload != message.payload
 
@@ -168,28 +178,35 @@ def test_energy_guard_and_on_change(rig: Rig, caplog: pytest.LogCaptureFixture) 
 
     # Guard: a good read, then the meter's counter drops 1000x for good.
     first = probe.wait_for("smartmac/g/state")
-    good = first.json()["Wh1"]  # type: ignore[index]
+    good = json_object(first.json())["Wh1"]
     good_text = probe.wait_for("smartmac/g/Wh1").payload
     sim.set_fault(guarded.devid, "drop_wh")  # 6 s before the next read
     states = [first]
     for _ in range(3):
-        states.append(probe.wait_for("smartmac/g/state", after=probe.messages.index(states[-1]) + 1, timeout=20))
+        states.append(
+            probe.wait_for("smartmac/g/state", after=probe.messages.index(states[-1]) + 1, timeout=20)
+        )
     held, low = states[1:3], states[3]
-    assert [s.json()["Wh1"] for s in held] == [good, good]  # type: ignore[index]
-    assert low.json()["Wh1"] < good / 100  # type: ignore[index,operator]
+    assert [json_object(s.json())["Wh1"] for s in held] == [good, good]
+    assert json_object(low.json())["Wh1"] < good / 100
     # B/g/Wh1 (published just before each state): the held value twice, then the drop.
     wh1 = [m.payload for m in probe.messages[: probe.messages.index(low)] if m.topic == "smartmac/g/Wh1"]
     assert wh1[:3] == [good_text] * 3 and len(wh1) == 4
-    assert float(wh1[3]) == low.json()["Wh1"]  # type: ignore[index]
+    assert float(wh1[3]) == json_object(low.json())["Wh1"]
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING and guarded.devid in r.getMessage()]
     assert len(warnings) == 1 and "energy counter went down: Wh1" in warnings[0].getMessage()
     assert "accepted as a counter reset" in caplog.text
 
     # on_change, over the same four reads of the other meter.
-    probe.wait_for("onchange/q/rW1", after=probe.messages.index(
-        probe.wait_for("onchange/q/rW1")) + 1, timeout=20)  # the heartbeat resend of "0"
+    probe.wait_for(
+        "onchange/q/rW1", after=probe.messages.index(probe.wait_for("onchange/q/rW1")) + 1, timeout=20
+    )  # the heartbeat resend of "0"
     polls = quiet.ok
-    messages = [m for m in probe.messages if m.topic.startswith("onchange/q/") and not m.topic.endswith("availability")]
+    messages = [
+        m
+        for m in probe.messages
+        if m.topic.startswith("onchange/q/") and not m.topic.endswith("availability")
+    ]
     by_topic: dict[str, list[Message]] = {}
     for message in messages:
         by_topic.setdefault(message.topic, []).append(message)
@@ -214,12 +231,14 @@ def test_odd_labels_and_keys_that_differ_in_case(rig: Rig) -> None:
     sim = rig.simulator([meter])
     probe = rig.probe("#")
     rig.bridge([device(sim, meter, topic="odd")])
-    state = probe.wait_for("smartmac/odd/state").json()
-    assert state["Wh1"] == state["wh1"]  # type: ignore[index]
+    state = json_object(probe.wait_for("smartmac/odd/state").json())
+    assert state["Wh1"] == state["wh1"]
     node = f"homeassistant/sensor/smartmac_{meter.devid}"
-    configs = {key: probe.wait_for(f"{node}/{key}/config").json() for key in ("V1", "Wh1", "wh1")}
+    configs = {
+        key: json_object(probe.wait_for(f"{node}/{key}/config").json()) for key in ("V1", "Wh1", "wh1")
+    }
     for key, config in configs.items():
-        check_ha_rules(f"{node}/{key}/config", config)  # type: ignore[arg-type]
-    assert configs["V1"]["name"] == "Voltage 1 " + "x" * 54  # type: ignore[index]
-    assert configs["Wh1"]["default_entity_id"] == f"sensor.smartmac_{meter.devid}_wh1"  # type: ignore[index]
-    assert configs["wh1"]["default_entity_id"] == f"sensor.smartmac_{meter.devid}_wh1_2"  # type: ignore[index]
+        check_ha_rules(f"{node}/{key}/config", config)
+    assert configs["V1"]["name"] == "Voltage 1 " + "x" * 54
+    assert configs["Wh1"]["default_entity_id"] == f"sensor.smartmac_{meter.devid}_wh1"
+    assert configs["wh1"]["default_entity_id"] == f"sensor.smartmac_{meter.devid}_wh1_2"

@@ -7,7 +7,7 @@ import socket
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import pytest
 from support import LOOPBACK, free_port
@@ -81,7 +81,9 @@ def test_faults_are_meter_errors_without_the_pin(
     assert_no_pin(info.value)
 
 
-@pytest.mark.parametrize(("fault", "text"), [("html", "HTML"), ("truncated", "not valid JSON"), ("no_data", "'data'")])
+@pytest.mark.parametrize(
+    ("fault", "text"), [("html", "HTML"), ("truncated", "not valid JSON"), ("no_data", "'data'")]
+)
 def test_broken_bodies_fail_in_the_parser(setup: tuple[Simulator, SimMeter], fault: str, text: str) -> None:
     sim, meter = setup
     sim.set_fault(meter.devid, fault)
@@ -222,9 +224,17 @@ def test_re_resolution_keeps_the_address_that_worked(
     answer = [(socket.AF_INET6, ("::1", sim.port, 0, 0)), (socket.AF_INET, (LOOPBACK, sim.port))]
     real = socket.getaddrinfo
 
-    def resolver(host: object, *args: object, **kwargs: object) -> list[tuple[object, ...]]:
+    def resolver(
+        host: bytes | str | None,
+        port: bytes | str | int | None,
+        family: int = 0,
+        type: int = 0,
+        proto: int = 0,
+        flags: int = 0,
+    ) -> Sequence[tuple[object, ...]]:
+        # socket.getaddrinfo's own parameters, so everything else goes to the real one as given.
         if host != name:
-            return real(host, *args, **kwargs)  # type: ignore[arg-type]
+            return real(host, port, family, type, proto, flags)
         return [(family, socket.SOCK_STREAM, 6, "", sockaddr) for family, sockaddr in answer]
 
     monkeypatch.setattr(socket, "getaddrinfo", resolver)
@@ -249,4 +259,3 @@ def test_re_resolution_keeps_the_address_that_worked(
     now += RESOLVE_TTL + 1
     assert c.address(now) is None and _resolve(c, now) is None
     assert c.address(now) == answer[0]
-

@@ -96,7 +96,7 @@ def start_link(links: list[MqttLink], host: str, port: int, **options: object) -
         will_topic="smartmac/bridge/availability",
         subscriptions=[],
         on_message=lambda topic, payload, retain: None,
-        **options,  # type: ignore[arg-type]
+        **options,  # type: ignore[arg-type]  # each test passes MqttLink keywords it knows fit
     )
     loop = started_on[id(links)].loop
     loop.call_soon_threadsafe(link.start, loop)
@@ -166,7 +166,9 @@ def test_an_ipv6_broker_is_logged_in_brackets(
     port = free_port()
     conf = tmp_path / "mosquitto.conf"
     conf.write_text(f"listener {port} ::1\nallow_anonymous true\npersistence false\n")
-    broker = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    broker = subprocess.Popen(
+        ["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         link = start_link(links, "::1", port)  # paho retries until mosquitto listens
         assert link.connected.wait(BOUND)

@@ -128,6 +128,6 @@ def test_an_unknown_packet_queue_means_publish() -> None:
         pass
 
     assert _RawPublisher.attach(Changed()) is None  # type: ignore[arg-type]  # paho-shaped stand-ins
-    assert _RawPublisher.attach(Gone()) is None  # type: ignore[arg-type]
+    assert _RawPublisher.attach(Gone()) is None  # type: ignore[arg-type]  # paho-shaped stand-in
     real = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv311)
     assert _RawPublisher.attach(real) is not None

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+from shapes import json_object
 from support import LOOPBACK, Message, Rig, device, wait_until
 
 from bench import nodered
@@ -32,7 +33,7 @@ def test_the_flow_is_importable_as_is() -> None:
     assert (broker["broker"], broker["port"]) == ("localhost", "1883")
     ids = [node["id"] for node in flow]
     assert len(ids) == len(set(ids))
-    wired = {target for node in flow for output in node.get("wires", []) for target in output}  # type: ignore[attr-defined]
+    wired = {target for node in flow for output in node.get("wires", []) for target in output}
     assert wired <= set(ids)
     # Commands must never be retained: a retained command is ignored by the bridge.
     assert all(node["retain"] == "false" for node in _nodes(flow, "mqtt out"))
@@ -57,10 +58,10 @@ def test_flow_shows_total_power_and_switches_the_relay(tmp_path: Path, rig: Rig)
     with nodered.NodeRed(flow, tmp_path / "node-red") as red:
         # The retained state reaches the flow at once: its total is W1 + W2 + W3.
         total = probe.wait_for("nodered/smartmac/demo3/total_power", timeout=30)
-        states = [m.json() for m in probe.messages if m.topic == "smartmac/demo3/state"]
-        sums = [sum(s[f"W{p}"] for p in (1, 2, 3)) for s in states]  # type: ignore[index]
+        states = [json_object(m.json()) for m in probe.messages if m.topic == "smartmac/demo3/state"]
+        sums = [sum(s[f"W{p}"] for p in (1, 2, 3)) for s in states]
         assert float(total.payload) in sums, (total.payload, sums)
-        assert state.json()["relay"] == "OFF"
+        assert json_object(state.json())["relay"] == "OFF"
 
         assert meter.pout == 0 and meter.pout_requests == []
         mark = probe.mark()

@@ -75,7 +75,8 @@ def test_numbers(raw: object, text: str, value: float) -> None:
 
 
 @pytest.mark.parametrize(
-    "raw", ["", "n/a", "nan", "inf", "-Infinity", "1e999", "0x10", "1_000", "12,5", None, True, [], {}, "9" * 41]
+    "raw",
+    ["", "n/a", "nan", "inf", "-Infinity", "1e999", "0x10", "1_000", "12,5", None, True, [], {}, "9" * 41],
 )
 def test_non_numbers_are_rejected_not_zeroed(raw: object) -> None:
     snap = parse_body(_body({"A1": {"value": raw}, "V1": {"value": "230"}}))
@@ -85,8 +86,9 @@ def test_non_numbers_are_rejected_not_zeroed(raw: object) -> None:
 
 def _raw_value(value: str) -> bytes:
     """A body whose A1 value is `value` as raw JSON text (json.dumps cannot write 4,000 digits)."""
-    return b'{"devid": "17", "time": "100", "pout": "1", "data": {"A1": {"value": %s}, "V1": {"value": "230"}}}' % (
-        value.encode()
+    return (
+        b'{"devid": "17", "time": "100", "pout": "1", "data": {"A1": {"value": %s}, "V1": {"value": "230"}}}'
+        % (value.encode())
     )
 
 
@@ -94,7 +96,17 @@ def _raw_value(value: str) -> bytes:
 # and no float that is infinite or zero from a non-zero text; B/D/KEY and B/D/state agree.
 @pytest.mark.parametrize(
     "raw",
-    ["\u0661\u0662", "\uff11\uff12", "\u0662.5", "1e-400", "-1e-400", "0.1e-330", "1E999", "9" * 41, "1." + "0" * 39],
+    [
+        "\u0661\u0662",
+        "\uff11\uff12",
+        "\u0662.5",
+        "1e-400",
+        "-1e-400",
+        "0.1e-330",
+        "1E999",
+        "9" * 41,
+        "1." + "0" * 39,
+    ],
 )
 def test_number_rule_for_strings(raw: str) -> None:
     snap = parse_body(_body({"A1": {"value": json.loads(f'"{raw}"')}, "V1": {"value": "230"}}))
@@ -102,7 +114,19 @@ def test_number_rule_for_strings(raw: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "raw", ["9" * 4000, "9" * 41, "-" + "9" * 40, "1e-400", "-1e-400", "1e999", "-1e999", "NaN", "Infinity", "-Infinity"]
+    "raw",
+    [
+        "9" * 4000,
+        "9" * 41,
+        "-" + "9" * 40,
+        "1e-400",
+        "-1e-400",
+        "1e999",
+        "-1e999",
+        "NaN",
+        "Infinity",
+        "-Infinity",
+    ],
 )
 def test_number_rule_for_json_numbers(raw: str) -> None:
     snap = parse_body(_raw_value(raw))
@@ -133,7 +157,9 @@ def test_json_number_envelope_follows_the_rule(raw: str) -> None:
 
 
 def test_unknown_keys_pass_through() -> None:
-    snap = parse_body(_body({"Ch1": {"name": "Pulses", "unit": "imp", "value": "12"}, "Fr": {"value": "50.01"}}))
+    snap = parse_body(
+        _body({"Ch1": {"name": "Pulses", "unit": "imp", "value": "12"}, "Fr": {"value": "50.01"}})
+    )
     assert [(r.key, r.name, r.unit) for r in snap.readings] == [("Ch1", "Pulses", "imp"), ("Fr", "Fr", "")]
 
 

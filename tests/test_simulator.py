@@ -241,7 +241,7 @@ def test_counters_never_decrease(make_sim: Callable[..., Simulator]) -> None:
             assert r.status_code == 200
             data = json.loads(r.text, strict=False)["data"]
             now = [int(data[f"Wh{p}"]["value"]) for p in (1, 2, 3)]
-            assert all(n >= l for n, l in zip(now, last))
+            assert all(n >= before for n, before in zip(now, last, strict=True))
             last = now
         assert m.ok == 6 and m.rate_limited == 0
 
@@ -601,9 +601,8 @@ def test_context_manager_port_and_restart() -> None:
 
 
 def test_start_fails_loudly_when_the_port_is_taken() -> None:
-    with Simulator(make_fleet(1)) as sim:
-        with pytest.raises(OSError):
-            Simulator(make_fleet(1), port=sim.port).start()
+    with Simulator(make_fleet(1)) as sim, pytest.raises(OSError):
+        Simulator(make_fleet(1), port=sim.port).start()
 
 
 def test_make_fleet() -> None:
@@ -635,8 +634,9 @@ def test_run_cli_prints_the_fleet_and_stops_on_sigterm() -> None:
         assert lines[0].split() == ["devid", "PIN", "phases", "model"]
         assert lines[1].split() == ["1728053249", "012346", "3", "D103", "extended"]
         url = lines[-1].split()[-1]
-        r = requests.get(url + "/?page=getdata&devid=1728053251&devpass=" + lines[3].split()[1],
-                         timeout=TIMEOUT)
+        r = requests.get(
+            url + "/?page=getdata&devid=1728053251&devpass=" + lines[3].split()[1], timeout=TIMEOUT
+        )
         assert r.status_code == 200
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=5) == 0

@@ -37,8 +37,17 @@ def test_state_messages_for_the_seed() -> None:
 
 def test_envelope_wins_and_reserved_keys_get_no_topic() -> None:
     body = json.dumps(
-        {"devid": "17", "time": "5", "pout": "1", "data": {
-            "time": {"value": "9"}, "state": {"value": "1"}, "a/b": {"value": "2"}, "V": {"value": "1"}}}
+        {
+            "devid": "17",
+            "time": "5",
+            "pout": "1",
+            "data": {
+                "time": {"value": "9"},
+                "state": {"value": "1"},
+                "a/b": {"value": "2"},
+                "V": {"value": "1"},
+            },
+        }
     )
     messages = dict(state_messages(MeterTopics("b", "d"), parse_body(body), Relay.ON))
     assert set(messages) == {"b/d/V", "b/d/time", "b/d/state", "b/d/relay"}
@@ -47,18 +56,22 @@ def test_envelope_wins_and_reserved_keys_get_no_topic() -> None:
 
 
 @pytest.mark.parametrize(
-    "key", ["T\t1", "V1\n", "\x01h1", "A\x7f", "\u0085", "x\ufffe", "\ufdd0", "\U0001ffff", "\ud800", "k" * 257]
+    "key",
+    ["T\t1", "V1\n", "\x01h1", "A\x7f", "\u0085", "x\ufffe", "\ufdd0", "\U0001ffff", "\ud800", "k" * 257],
 )
 def test_keys_a_broker_would_refuse_get_no_topic(key: str) -> None:
     # mosquitto disconnects a client publishing such a topic; the value stays in the state.
-    body = json.dumps({"devid": "17", "time": "5", "pout": "1", "data": {key: {"value": "2"}, "V": {"value": "1"}}})
+    body = json.dumps(
+        {"devid": "17", "time": "5", "pout": "1", "data": {key: {"value": "2"}, "V": {"value": "1"}}}
+    )
     messages = dict(state_messages(MeterTopics("b", "d"), parse_body(body), Relay.ON))
     assert set(messages) == {"b/d/V", "b/d/state", "b/d/relay"}
     assert json.loads(messages["b/d/state"])[key] == 2
 
 
 @pytest.mark.parametrize(
-    ("pout", "inverted", "relay"), [(1, False, Relay.ON), (0, False, Relay.OFF), (1, True, Relay.OFF), (0, True, Relay.ON)]
+    ("pout", "inverted", "relay"),
+    [(1, False, Relay.ON), (0, False, Relay.OFF), (1, True, Relay.OFF), (0, True, Relay.ON)],
 )
 def test_relay_polarity(pout: int, inverted: bool, relay: Relay) -> None:
     assert relay_from_pout(pout, inverted) is relay

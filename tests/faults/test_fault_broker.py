@@ -12,6 +12,7 @@ import time
 
 import pytest
 from faultkit import FaultMosquitto, Watch, fault_meter
+from shapes import json_object, present
 from support import Probe, Rig, assert_rate_limit_kept, device, wait_until
 
 pytestmark = pytest.mark.mosquitto
@@ -46,12 +47,12 @@ def test_ten_broker_restarts_lose_nothing(rig: Rig, mosquitto: FaultMosquitto) -
     # The bridge's own two, and per meter availability, state, relay and every reading.
     wanted = {"smartmac/bridge/availability", "smartmac/bridge/info"}
     for segment in segments:
-        state = first.wait_for(f"smartmac/{segment}/state").json()
-        keys = set(state) - {"devid", "time", "pout", "relay"}  # type: ignore[arg-type]
+        state = json_object(first.wait_for(f"smartmac/{segment}/state").json())
+        keys = set(state) - {"devid", "time", "pout", "relay"}
         wanted |= {f"smartmac/{segment}/{k}" for k in {"availability", "state", "relay", *keys}}
     # Anything else (Home Assistant discovery, where enabled) must come back just the same.
     assert wanted <= expected and not {t for t in expected - wanted if t.startswith("smartmac/")}
-    current = {topic: first.last(topic).payload for topic in expected}  # type: ignore[union-attr]
+    current = {topic: present(first.last(topic)).payload for topic in expected}
     owner = dict(zip(segments, meters, strict=True))
     backs: list[float] = []
 
@@ -71,10 +72,10 @@ def test_ten_broker_restarts_lose_nothing(rig: Rig, mosquitto: FaultMosquitto) -
         retained = rig.probe("#")
         for topic in expected:
             message = retained.wait_for(topic, lambda m: m.retain, timeout=5)
-            meter = owner.get(topic.split("/")[1])
-            if meter is None or meter.requests == requests[meter.devid]:
+            polled = owner.get(topic.split("/")[1])
+            if polled is None or polled.requests == requests[polled.devid]:
                 assert message.payload == current[topic], (cycle, topic)
-        assert retained.last("smartmac/bridge/availability").payload == b"online"  # type: ignore[union-attr]
+        assert present(retained.last("smartmac/bridge/availability")).payload == b"online"
 
         # Commands work again: each restart switches another meter.
         segment = segments[cycle % 3]
@@ -84,7 +85,7 @@ def test_ten_broker_restarts_lose_nothing(rig: Rig, mosquitto: FaultMosquitto) -
         result = retained.wait_for(f"smartmac/{segment}/relay/result", after=mark, timeout=15).json()
         assert result == {"ok": True, "relay": "OFF" if relay == b"ON" else "ON"}, (cycle, result)
         assert bridge.link.connected.is_set()
-        current = {topic: retained.last(topic).payload for topic in expected}  # type: ignore[union-attr]
+        current = {topic: present(retained.last(topic)).payload for topic in expected}
         fresh.stop()
         retained.stop()
 

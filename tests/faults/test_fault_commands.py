@@ -14,6 +14,7 @@ import time
 
 import pytest
 from faultkit import FaultMosquitto, Watch, fault_meter
+from shapes import json_object, present
 from support import Rig, assert_rate_limit_kept, device, wait_until
 
 pytestmark = [
@@ -71,19 +72,25 @@ def random_payloads(count: int, seed: int = 3) -> list[bytes]:
             return odd_case(rng.choice(list(_WORDS))).encode()
         if kind == "json":
             spacing = rng.choice([(",", ":"), (", ", ": ")])
-            return json.dumps({"state": odd_case(rng.choice(["on", "off", "toggle"]))}, separators=spacing).encode()
+            return json.dumps(
+                {"state": odd_case(rng.choice(["on", "off", "toggle"]))}, separators=spacing
+            ).encode()
         if kind == "near":
             return rng.choice(NEAR_MISSES)
         if kind == "binary":
             return rng.randbytes(rng.randint(1, 64))
         if kind == "long":
             return rng.choice([rng.randbytes(300), b"{" * 300, bytes(rng.choices(b"ONOFFTOGGLE", k=300))])
-        return "".join(rng.choices("abcdefghijklmnopqrstuvwxyzONFTGL{}[]\":,. 0123456789", k=rng.randint(1, 20))).encode()
+        return "".join(
+            rng.choices('abcdefghijklmnopqrstuvwxyzONFTGL{}[]":,. 0123456789', k=rng.randint(1, 20))
+        ).encode()
 
     return [one() for _ in range(count)]
 
 
-def test_random_payloads_retained_and_undeliverable_commands(rig: Rig, mosquitto: FaultMosquitto, watch: Watch) -> None:
+def test_random_payloads_retained_and_undeliverable_commands(
+    rig: Rig, mosquitto: FaultMosquitto, watch: Watch
+) -> None:
     a, hang, refuse = fault_meter(0, phases=3), fault_meter(1), fault_meter(2)
     sim = rig.simulator([a, hang, refuse])
     sim.set_fault(hang.devid, "hang")
@@ -109,7 +116,11 @@ def test_random_payloads_retained_and_undeliverable_commands(rig: Rig, mosquitto
     last.wait_for_publish(30)
 
     def results(segment: str) -> list[dict[str, object]]:
-        return [m.json() for m in probe.messages[start:] if m.topic == f"smartmac/{segment}/relay/result"]  # type: ignore[misc]
+        return [
+            json_object(m.json())
+            for m in probe.messages[start:]
+            if m.topic == f"smartmac/{segment}/relay/result"
+        ]
 
     wait_until(lambda: len(results("a")) >= FLOOD, 30, f"{FLOOD} results")
 
@@ -137,15 +148,16 @@ def test_random_payloads_retained_and_undeliverable_commands(rig: Rig, mosquitto
     assert all(any(pout == step for step in steps) for pout in sent), (sent, path[-5:])
     assert 1 <= len(sent) <= 2 and sent[-1] == path[-1] == a.pout
     assert confirmed[-1] == {"ok": True, "relay": "ON" if path[-1] else "OFF"}
-    assert probe.last("smartmac/a/relay").payload == (b"ON" if path[-1] else b"OFF")  # type: ignore[union-attr]
+    assert present(probe.last("smartmac/a/relay")).payload == (b"ON" if path[-1] else b"OFF")
 
     # Undeliverable: an error when the command's time is up, never replayed later.
     for segment, meter in (("hang", hang), ("refuse", refuse)):
         message = probe.wait_for(f"smartmac/{segment}/relay/result", after=start, timeout=COMMAND_TIME + 10)
         took = message.received - sent_at[segment]
         assert COMMAND_TIME - 0.5 <= took <= COMMAND_TIME + TIMEOUT + 2, (segment, took)
-        error = message.json()["error"]  # type: ignore[index]
-        assert message.json()["ok"] is False and f"not confirmed by the meter within {COMMAND_TIME:g} s" in error  # type: ignore[index]
+        result = json_object(message.json())
+        error = result["error"]
+        assert result["ok"] is False and f"not confirmed by the meter within {COMMAND_TIME:g} s" in error
         sim.set_fault(meter.devid, "ok")
     for segment, meter in (("hang", hang), ("refuse", refuse)):
         assert probe.wait_for(f"smartmac/{segment}/relay", after=start, timeout=15).payload == b"OFF"

@@ -14,6 +14,7 @@ import logging
 
 import pytest
 from faultkit import Watch, arrivals_before, fault_meter
+from shapes import json_object
 from support import Rig, device
 
 from bridge.config import HomeAssistantSettings
@@ -42,8 +43,8 @@ def test_an_answer_naming_another_devid_is_a_failure(rig: Rig, watch: Watch) -> 
 
     for fault, meter in meters.items():
         result = probe.wait_for(f"smartmac/{fault}/relay/result", timeout=COMMAND_TIME + 5)
-        assert result.json()["ok"] is False, (fault, result.payload)
-        assert "not confirmed" in result.json()["error"], (fault, result.payload)
+        assert json_object(result.json())["ok"] is False, (fault, result.payload)
+        assert "not confirmed" in json_object(result.json())["error"], (fault, result.payload)
         offline = probe.wait_for(f"smartmac/{fault}/availability", timeout=5)
         assert offline.payload == b"offline", fault
         # Offline at exactly the third request, and the command did reach the meter: its

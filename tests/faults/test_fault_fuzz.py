@@ -8,6 +8,7 @@ on every run and machine) and use no example database, so CI is repeatable.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -136,8 +137,8 @@ def mutated_seed(draw: st.DrawFn) -> bytes:
 
 ODD_TEXT = st.sampled_from(
     ["", " ", "1", " 220.5 ", "0", "-3", "+1", "1e3", "1e999", "-1e999", "nan", "inf", "0x10",
-     "1_000", "1,5", "١٢", "１２", "²", "12abc", "9" * 41, "9" * 5000, "0.60", ".5", "5.", "e5",
-     "1e-400", "-1e-400", "0e-400", "1e-320", "٣.5", "9" * 40]
+     "1_000", "1,5", "\u0661\u0662", "\uff11\uff12", "\u00b2", "12abc", "9" * 41, "9" * 5000,
+     "0.60", ".5", "5.", "e5", "1e-400", "-1e-400", "0e-400", "1e-320", "٣.5", "9" * 40]
 )  # fmt: skip
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12) | ODD_TEXT,
@@ -237,10 +238,8 @@ def test_the_mutations_reach_past_the_json_decoder() -> None:
     @settings(max_examples=300, derandomize=True, database=None, deadline=None)
     @given(mutated_document())
     def sample(body: bytes) -> None:
-        try:
+        with contextlib.suppress(BodyError):
             parsed.append(parse_body(body))
-        except BodyError:
-            pass
 
     sample()
     assert len(parsed) > 50

@@ -29,6 +29,7 @@ from faultkit import (
     fault_meter,
     gaps,
 )
+from pydantic import SecretStr
 from support import (
     LOOPBACK,
     Message,
@@ -138,7 +139,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
         stack.callback(probe.stop)
         watch.add_probe(probe)
         settings = MqttSettings(host=LOOPBACK, port=mosquitto.port, client_id="fault-meters",
-                                username=USERNAME, password=PASSWORD)  # fmt: skip
+                                username=USERNAME, password=SecretStr(PASSWORD))  # fmt: skip
         bridge = Bridge(devices, settings, host=LOOPBACK, port=mosquitto.port)
         result = Scenario(sim, broken, good, nonnumeric, watch=watch)
         bridge.start()
@@ -208,7 +209,9 @@ def test_broken_meter(scenario: Scenario, fault: str) -> None:
     assert after_heal and after_heal[0] < item.online.received
     assert len([t for t in after_heal if t < item.online.received]) == 1
     # ...with its readings, published before the availability that says so.
-    states = [m for m in scenario.published(segment, before=item.online.received) if m.topic.endswith("/state")]
+    states = [
+        m for m in scenario.published(segment, before=item.online.received) if m.topic.endswith("/state")
+    ]
     assert len(states) == 1 and json.loads(states[0].payload)["devid"] == meter.devid
     # The bridge logged no error for it (no traceback, no "unexpected error").
     errors = [r.text for r in scenario.watch.records if r.level >= 40 and meter.devid in r.text]

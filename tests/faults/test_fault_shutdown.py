@@ -25,10 +25,12 @@ def test_sigterm_while_a_command_waits_for_its_slot(
     config = write_config(
         tmp_path,
         f"""
-mqtt: {{host: {LOOPBACK}, port: {rig.broker.port}, client_id: shutdown, username: {USERNAME}, password: "{PASSWORD}"}}
+mqtt: {{host: {LOOPBACK}, port: {rig.broker.port}, client_id: shutdown,
+       username: {USERNAME}, password: "{PASSWORD}"}}
 devices:
   - {{id: "{standard.devid}", pin: "{standard.pin}", host: "{LOOPBACK}:{sim.port}", topic: std}}
-  - {{id: "{dead.devid}", pin: "{dead.pin}", host: "{LOOPBACK}:{sim.port}", topic: dead, extended: true, timeout: 30}}
+  - {{id: "{dead.devid}", pin: "{dead.pin}", host: "{LOOPBACK}:{sim.port}", topic: dead,
+      extended: true, timeout: 30}}
 """,
     )
     probe = rig.probe("#")
@@ -52,7 +54,10 @@ devices:
     # offline for the bridge and every meter, retained for whoever comes later.
     late = rig.probe("smartmac/+/availability")
     for segment in ("bridge", "std", "dead"):
-        assert late.wait_for(f"smartmac/{segment}/availability", lambda m: m.retain, timeout=5).payload == b"offline"
+        assert (
+            late.wait_for(f"smartmac/{segment}/availability", lambda m: m.retain, timeout=5).payload
+            == b"offline"
+        )
     assert standard.pout_requests == [] and standard.requests == 1
     assert "Traceback" not in bridge.stderr
     print(f"SIGTERM to exit 0: {took:.2f} s")

@@ -37,11 +37,13 @@ def tls_bridge(mosquitto: FaultMosquitto) -> Iterator[Callable[..., Bridge]]:
     def make(devices: list[DeviceSettings], port: int, **options: object) -> Bridge:
         assert mosquitto.certs is not None
         tls: dict[str, object] = {"enabled": True, "ca_certs": mosquitto.certs.ca}
-        tls.update(options.pop("tls", {}))  # type: ignore[call-overload]
+        extra = options.pop("tls", {})
+        assert isinstance(extra, dict)
+        tls.update(extra)
         values: dict[str, object] = {"host": LOOPBACK, "port": port, "client_id": f"tls-{len(bridges)}",
                                      "username": USERNAME, "password": PASSWORD, "tls": tls}  # fmt: skip
         values.update(options)
-        bridge = Bridge(devices, MqttSettings(**values), host=LOOPBACK, port=port)  # type: ignore[arg-type]
+        bridge = Bridge(devices, MqttSettings(**values), host=LOOPBACK, port=port)  # type: ignore[arg-type]  # pydantic checks the values
         bridge.start()
         bridges.append(bridge)
         return bridge
@@ -51,7 +53,9 @@ def tls_bridge(mosquitto: FaultMosquitto) -> Iterator[Callable[..., Bridge]]:
         bridge.stop()
 
 
-def test_password_over_tls_with_a_ca_file(rig: Rig, mosquitto: FaultMosquitto, tls_bridge: Callable[..., Bridge]) -> None:
+def test_password_over_tls_with_a_ca_file(
+    rig: Rig, mosquitto: FaultMosquitto, tls_bridge: Callable[..., Bridge]
+) -> None:
     meter = fault_meter(0)
     sim = rig.simulator([meter])
     probe = rig.probe("smartmac/#")  # on the plain listener: sees what the bridge published over TLS
@@ -75,7 +79,7 @@ def test_wrong_password_one_clear_line_and_retries(
     broker = f"{LOOPBACK}:{mosquitto.tls_port}"
     refused = f"MQTT broker {broker} refused the connection: Not authorized"
     # It keeps retrying: the repeats of the refusal are logged at debug...
-    wait_until(lambda: watch.logged(refused, level=logging.DEBUG), 15, "a second attempt")
+    wait_until(lambda: bool(watch.logged(refused, level=logging.DEBUG)), 15, "a second attempt")
     # ...and mosquitto turned it away each time (it names no client id for these).
     assert len(mosquitto.log_lines("disconnected, not authorised")) >= 2
     assert not bridge.link.connected.is_set()
@@ -97,7 +101,7 @@ def test_client_certificate(rig: Rig, mosquitto: FaultMosquitto, tls_bridge: Cal
     assert accepted.link.connected.is_set()
     # The listener does require it: the same bridge without a certificate gets nowhere.
     refused = tls_bridge([device(sim, without, topic="m")], mosquitto.mtls_port, base_topic="nocert")
-    wait_until(lambda: mosquitto.log_lines("peer did not return a certificate"), 10, "the refusal")
+    wait_until(lambda: bool(mosquitto.log_lines("peer did not return a certificate")), 10, "the refusal")
     assert not refused.link.connected.is_set()
     assert [m.topic for m in probe.messages if m.topic.startswith("nocert/")] == []
 
