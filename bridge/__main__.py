@@ -76,9 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--devices", type=int, default=1, metavar="N", help="default: 1")
     sim.add_argument("--phases", type=int, choices=[1, 3], default=1, help="default: 1")
     sim.add_argument("--extended", action="store_true", help="extended model (6 s limit)")
-    sim.add_argument(
-        "--delay", type=float, default=0.0, metavar="S", help="answer delay in seconds"
-    )
+    sim.add_argument("--delay", type=float, default=0.0, metavar="S", help="answer delay in seconds")
     sim.set_defaults(handler=_simulate)
 
     demo = command("demo", "Embedded broker + two simulated meters + the bridge.")
@@ -114,6 +112,8 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from pydantic import SecretStr
+
     from .simulator import SimMeter, Simulator
 
     settings = load_settings(args.config)
@@ -123,10 +123,16 @@ def _demo(args: argparse.Namespace) -> int:
         host = f"127.0.0.1:{sim.port}"
         devices = (
             DeviceSettings(
-                id=three.devid, pin=three.pin, host=host, name="Demo 3-phase",
-                topic="demo3", extended=True,
+                id=three.devid,
+                pin=SecretStr(three.pin),
+                host=host,
+                name="Demo 3-phase",
+                topic="demo3",
+                extended=True,
             ),
-            DeviceSettings(id=one.devid, pin=one.pin, host=host, name="Demo 1-phase", topic="demo1"),
+            DeviceSettings(
+                id=one.devid, pin=SecretStr(one.pin), host=host, name="Demo 1-phase", topic="demo1"
+            ),
         )
         broker_host, broker_port = _broker_address(settings)
         base = settings.mqtt.base_topic
@@ -147,9 +153,7 @@ def _broker_address(settings: Settings) -> tuple[str, int]:
     return settings.embedded_broker.host, settings.embedded_broker.port
 
 
-def build_bridge(
-    settings: Settings, devices: Sequence[DeviceSettings], *, host: str, port: int
-) -> Bridge:
+def build_bridge(settings: Settings, devices: Sequence[DeviceSettings], *, host: str, port: int) -> Bridge:
     """The bridge as `run` builds it, every setting passed on (the benchmark uses it too)."""
     from .service import Bridge
 
@@ -214,7 +218,7 @@ def _probe(args: argparse.Namespace) -> int:
     widths = [max(len(row[i]) for row in [("key", "name", "value", "unit"), *rows]) for i in range(4)]
     print(f"meter {snap.devid} at {url}, meter time {snap.time}")
     for row in [("key", "name", "value", "unit"), *rows]:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
     for key in snap.rejected:
         print(f"{key}: no numeric value (left out)")
     return 0

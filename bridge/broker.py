@@ -19,6 +19,7 @@ Known amqtt 0.12.1 behaviours the rest of the bridge has to live with:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -145,10 +146,8 @@ class EmbeddedBroker:
         thread, loop, stop_requested = self._thread, self._loop, self._stop_requested
         if thread is None or loop is None or stop_requested is None:
             return
-        try:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: its thread has finished
             loop.call_soon_threadsafe(stop_requested.set)
-        except RuntimeError:
-            pass  # the loop is already closed: the thread has finished on its own
         thread.join(timeout)
         if thread.is_alive():
             # Daemon thread: it will not hold up the process's exit.
@@ -183,7 +182,7 @@ class EmbeddedBroker:
             # shuts down async generators and the executor, and closes the loop.
             with asyncio.Runner(loop_factory=lambda: loop) as runner:
                 runner.run(self._serve(broker_class, stop_requested))
-        except BaseException as exc:  # noqa: BLE001 - everything must reach start() or the log
+        except BaseException as exc:
             if self._ready.is_set():
                 logger.exception("embedded MQTT broker failed")
             else:
@@ -244,7 +243,7 @@ def _end_connections_quietly(broker: Broker) -> None:
         finally:
             writer.close()
 
-    broker.stream_connected = serve_until_cut  # type: ignore[method-assign]
+    broker.stream_connected = serve_until_cut
 
 
 def _replay_only_own_subscriptions(broker: Broker) -> None:
@@ -264,7 +263,7 @@ def _replay_only_own_subscriptions(broker: Broker) -> None:
         if any(holder.client_id == session.client_id for holder, _ in holders):
             await replay(subscription, session)
 
-    broker._publish_retained_messages_for_subscription = replay_if_subscribed  # type: ignore[method-assign]
+    broker._publish_retained_messages_for_subscription = replay_if_subscribed
 
 
 def _quiet_amqtt_loggers() -> None:
@@ -290,9 +289,7 @@ def _probe_bind(host: str, port: int) -> None:
     with a listener fails with EADDRINUSE.
     """
     try:
-        addresses = socket.getaddrinfo(
-            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
+        addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         for family, kind, proto, _, address in addresses:
             with socket.socket(family, kind, proto) as probe:
                 if os.name == "posix":

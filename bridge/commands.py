@@ -178,9 +178,7 @@ class RelayCommands:
         verify, self._verify = self._verify, False
         return None if command is None or verify else command.target
 
-    def end(
-        self, reported: Relay | None, *, http_error: bool, now: float, last_error: str | None
-    ) -> Outcome:
+    def end(self, reported: Relay | None, *, http_error: bool, now: float, last_error: str | None) -> Outcome:
         """The request ended at `now`: judge the command it carried, then the deadline.
 
         `reported`: the relay the answer shows, None unless it was a good read (an answer

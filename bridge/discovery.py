@@ -256,8 +256,9 @@ class Discovery:
         ids = object_ids(device.devid, (r.key for r in readings if announced(r.key)))
         for reading in readings:
             if announced(reading.key):
-                yield self.sensor_topic(device.devid, reading.key), self._sensor(
-                    device, reading, shared, ids[reading.key]
+                yield (
+                    self.sensor_topic(device.devid, reading.key),
+                    self._sensor(device, reading, shared, ids[reading.key]),
                 )
         yield self.relay_topic(device.devid), self._relay(device, shared)
 
@@ -331,7 +332,9 @@ class Discovery:
             "origin": {"name": ORIGIN_NAME, "sw_version": self.version},
         }
 
-    def _sensor(self, device: DeviceInfo, reading: KeyInfo, shared: dict[str, object], object_id: str) -> bytes:
+    def _sensor(
+        self, device: DeviceInfo, reading: KeyInfo, shared: dict[str, object], object_id: str
+    ) -> bytes:
         cls, unit = sensor_class(reading.key, clean_label(reading.unit))
         config: dict[str, object] = {
             "name": clean_label(reading.name) or reading.key,

@@ -48,15 +48,15 @@ class MeterClient:
     """How to reach one meter: its address and its prebuilt requests."""
 
     __slots__ = (
-        "label",
-        "host",
-        "port",
-        "timeout",
-        "_requests",
         "_addresses",
         "_current",
+        "_requests",
         "_resolved_at",
         "_working",
+        "host",
+        "label",
+        "port",
+        "timeout",
     )
 
     def __init__(self, url: str, devid: str, pin: str, *, timeout: float = 5.0) -> None:
@@ -143,7 +143,7 @@ class MeterClient:
             raise MeterUnreachable(f"{self.label}: host name not resolved")
         loop = asyncio.get_running_loop()
         answer = _Answer(self.label, self._requests[pout], loop.create_future())
-        transport: asyncio.BaseTransport | None = None
+        transport: asyncio.Transport | None = None
         family, sockaddr = address
         try:
             async with asyncio.timeout(self.timeout):
@@ -184,7 +184,7 @@ class _Answer(asyncio.Protocol):
 
     `body` resolves to the body of a 200 answer, or to the MeterError."""
 
-    __slots__ = ("body", "connected", "_buf", "_head_end", "_label", "_length", "_request", "_transport")
+    __slots__ = ("_buf", "_head_end", "_label", "_length", "_request", "_transport", "body", "connected")
 
     def __init__(self, label: str, request: bytes, body: asyncio.Future[bytes]) -> None:
         self.body = body

@@ -21,6 +21,7 @@ import logging
 import ssl
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -29,6 +30,9 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from .config import MqttSettings
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from paho.mqtt.client import SocketLike  # a Protocol paho declares for type checkers only
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +94,7 @@ class MqttLink:
         # callback from the executor reaches the loop), the task that keeps connecting.
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = 0
-        self._sock: object = None
+        self._sock: SocketLike | None = None
         self._fd = -1
         self._down = asyncio.Event()
         self._keeper: asyncio.Task[None] | None = None
@@ -118,8 +122,7 @@ class MqttLink:
             except (ssl.SSLError, OSError, ValueError) as exc:
                 # A file that exists but is no certificate or key: a config error, named.
                 raise ConfigError(
-                    "mqtt.tls: cannot load ca_certs/certfile/keyfile: "
-                    f"{getattr(exc, 'reason', None) or exc}"
+                    f"mqtt.tls: cannot load ca_certs/certfile/keyfile: {getattr(exc, 'reason', None) or exc}"
                 ) from None
             client.tls_insecure_set(tls.insecure)
         client.will_set(will_topic, b"offline", qos=1, retain=True)
@@ -225,11 +228,11 @@ class MqttLink:
             with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to do
                 self._loop.call_soon_threadsafe(call, *args)
 
-    def _socket_open(self, client: paho.Client, userdata: object, sock: object) -> None:
+    def _socket_open(self, client: paho.Client, userdata: object, sock: SocketLike) -> None:
         self._on_loop(self._opened, sock)
 
-    def _opened(self, sock: object) -> None:
-        fd = sock.fileno()  # type: ignore[attr-defined]  # a socket or an SSLSocket
+    def _opened(self, sock: SocketLike) -> None:
+        fd = sock.fileno()
         if fd < 0:
             return  # closed again before this reached the loop
         assert self._loop is not None
@@ -239,10 +242,10 @@ class MqttLink:
         if self._client.want_write():  # queued before the loop knew the socket
             self._loop.add_writer(fd, self._writable)
 
-    def _socket_close(self, client: paho.Client, userdata: object, sock: object) -> None:
+    def _socket_close(self, client: paho.Client, userdata: object, sock: SocketLike) -> None:
         self._on_loop(self._closed, sock)
 
-    def _closed(self, sock: object) -> None:
+    def _closed(self, sock: SocketLike) -> None:
         if sock is self._sock:
             self._forget_socket()
             self._down.set()
@@ -253,17 +256,17 @@ class MqttLink:
             self._loop.remove_writer(self._fd)
         self._sock, self._fd = None, -1
 
-    def _socket_want_write(self, client: paho.Client, userdata: object, sock: object) -> None:
+    def _socket_want_write(self, client: paho.Client, userdata: object, sock: SocketLike) -> None:
         self._on_loop(self._want_write, sock)
 
-    def _want_write(self, sock: object) -> None:
+    def _want_write(self, sock: SocketLike) -> None:
         if sock is self._sock and self._loop is not None:
             self._loop.add_writer(self._fd, self._writable)
 
-    def _socket_done_writing(self, client: paho.Client, userdata: object, sock: object) -> None:
+    def _socket_done_writing(self, client: paho.Client, userdata: object, sock: SocketLike) -> None:
         self._on_loop(self._done_writing, sock)
 
-    def _done_writing(self, sock: object) -> None:
+    def _done_writing(self, sock: SocketLike) -> None:
         if sock is self._sock and self._loop is not None:
             self._loop.remove_writer(self._fd)
 
@@ -421,7 +424,7 @@ class MqttLink:
 
     def _handle_message(self, client: paho.Client, userdata: object, message: paho.MQTTMessage) -> None:
         try:
-            self._on_message(message.topic, message.payload, bool(message.retain))
+            self._on_message(message.topic, bytes(message.payload), bool(message.retain))
         except Exception:  # a bug in a handler must not cost the messages after it
             logger.exception("error handling a message on %s", message.topic)
 

@@ -117,7 +117,9 @@ class Bridge:
         self._meters: dict[str, Meter] = {}
         for device in devices:
             client = MeterClient(device.url, device.id, device.pin.get_secret_value(), timeout=device.timeout)
-            meter = Meter(device, client, MeterTopics(self.base, device.segment), RelayCommands(device.poll_interval))
+            meter = Meter(
+                device, client, MeterTopics(self.base, device.segment), RelayCommands(device.poll_interval)
+            )
             if publish.mode == "on_change":
                 meter.changes = ChangeFilter(publish.heartbeat)
             self._meters[device.segment] = meter
@@ -136,7 +138,9 @@ class Bridge:
         )
         self._ha = (
             HomeAssistant(
-                Discovery(homeassistant.prefix, self.base, __version__), self.link, list(self._meters.values())
+                Discovery(homeassistant.prefix, self.base, __version__),
+                self.link,
+                list(self._meters.values()),
             )
             if homeassistant.discovery
             else None
@@ -278,7 +282,9 @@ class Bridge:
         """Make sure _turn runs by the next due time (or `extra`, if sooner)."""
         if self._stopping or self._loop is None:
             return
-        times = [t for t in (self._schedule.next_due(), self._next_command_deadline(), extra) if t is not None]
+        times = [
+            t for t in (self._schedule.next_due(), self._next_command_deadline(), extra) if t is not None
+        ]
         if not times:
             return
         when = min(times)
@@ -404,7 +410,9 @@ class Bridge:
             self._forget(meter, forgotten)
         messages = state_messages(meter.topics, snap, relay)
         if meter.changes is not None:
-            messages = meter.changes.select(messages, time.monotonic(), {meter.topics.state: state_fingerprint(snap)})
+            messages = meter.changes.select(
+                messages, time.monotonic(), {meter.topics.state: state_fingerprint(snap)}
+            )
         if self._ha is not None:
             self._ha.read(meter, snap)
         good = meter.health.good()
@@ -432,7 +440,9 @@ class Bridge:
             meter.changes.forget(topics)
         # At once, not with this turn's state: an empty payload must not be remembered.
         self.link.clear(topics)
-        logger.debug("%s: forgot %d key(s) no longer sent: %s", meter.client.label, len(keys), ", ".join(keys))
+        logger.debug(
+            "%s: forgot %d key(s) no longer sent: %s", meter.client.label, len(keys), ", ".join(keys)
+        )
 
     def _failed_read(self, meter: Meter, error: MeterError | None) -> list[tuple[str, bytes]]:
         text = str(error)
@@ -488,7 +498,9 @@ class Bridge:
             return
         if retain:
             # Stale by definition: replaying it would switch the relay on every reconnect.
-            logger.warning("ignored a retained command on %s: publish commands without the retain flag", topic)
+            logger.warning(
+                "ignored a retained command on %s: publish commands without the retain flag", topic
+            )
             return
         result = meter.topics.relay_result
         if self._stopping:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 from .readings import Snapshot
 
@@ -24,7 +24,7 @@ _RESERVED_KEYS = frozenset({"state", "relay", "availability"})
 MAX_LEVEL = 256
 
 
-class Relay(str, Enum):
+class Relay(StrEnum):
     ON = "ON"
     OFF = "OFF"
 
@@ -57,11 +57,7 @@ def valid_level(level: str) -> bool:
     non-character (MQTT 3.1.1 section 1.5.3), and a lone surrogate cannot be encoded at
     all. One such key in a firmware's answer would otherwise cost the whole connection,
     again at every reconnect's replay; the configured topic settings get the same rule."""
-    return (
-        bool(level)
-        and len(level) <= MAX_LEVEL
-        and not any(c in "/+#" or _refused(ord(c)) for c in level)
-    )
+    return bool(level) and len(level) <= MAX_LEVEL and not any(c in "/+#" or _refused(ord(c)) for c in level)
 
 
 def refused_text(text: str) -> bool:
