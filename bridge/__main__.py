@@ -112,8 +112,6 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from pydantic import SecretStr
-
     from .simulator import SimMeter, Simulator
 
     settings = load_settings(args.config)
@@ -121,17 +119,20 @@ def _demo(args: argparse.Namespace) -> int:
     one = SimMeter(devid="1728053250", pin="246810", phases=1, extended=False)
     with Simulator([three, one]) as sim:
         host = f"127.0.0.1:{sim.port}"
+        # As a config file gives them: the PIN a quoted string, which the model keeps secret.
         devices = (
-            DeviceSettings(
-                id=three.devid,
-                pin=SecretStr(three.pin),
-                host=host,
-                name="Demo 3-phase",
-                topic="demo3",
-                extended=True,
+            DeviceSettings.model_validate(
+                {
+                    "id": three.devid,
+                    "pin": three.pin,
+                    "host": host,
+                    "name": "Demo 3-phase",
+                    "topic": "demo3",
+                    "extended": True,
+                }
             ),
-            DeviceSettings(
-                id=one.devid, pin=SecretStr(one.pin), host=host, name="Demo 1-phase", topic="demo1"
+            DeviceSettings.model_validate(
+                {"id": one.devid, "pin": one.pin, "host": host, "name": "Demo 1-phase", "topic": "demo1"}
             ),
         )
         broker_host, broker_port = _broker_address(settings)
