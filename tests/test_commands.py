@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 
 import pytest
-from support import Rig, assert_rate_limit_kept, device, wait_until
+from support import Rig, assert_rate_limit_kept, device
 
+from bench.support import wait_until
 from bridge.simulator import SimMeter, Simulator, make_fleet
 
 # The logic under test does not depend on the broker; one real broker is enough here.

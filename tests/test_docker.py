@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from support import LOOPBACK, Rig
+from support import Rig
 
+from bench.support import LOOPBACK
 from bridge.config import DeviceSettings, load_settings
 from bridge.simulator import Simulator, make_fleet
 

@@ -12,7 +12,9 @@ import time
 
 import pytest
 from faultkit import FaultMosquitto, Watch, fault_meter
-from support import Probe, Rig, assert_rate_limit_kept, device, wait_until
+from support import Probe, Rig, assert_rate_limit_kept, device
+
+from bench.support import wait_until
 
 pytestmark = pytest.mark.mosquitto
 
