@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,7 @@ import paho.mqtt.client as paho  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
 from bench.procstat import peak_rss_mb, rss_mb  # noqa: E402
-from bench.support import LOOPBACK, free_port, wait_for_port  # noqa: E402
+from bench.support import LOOPBACK, Mosquitto, free_port  # noqa: E402
 
 FIRST_ID = 1728100000
 SAMPLE_EVERY = 10.0
@@ -137,9 +136,8 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="keychurn-") as tmp_name:
         tmp = Path(tmp_name)
-        broker_port = free_port()
-        conf = tmp / "mosquitto.conf"
-        conf.write_text(f"listener {broker_port} {LOOPBACK}\nallow_anonymous true\npersistence false\n")
+        mosquitto = Mosquitto(tmp)
+        broker_port = mosquitto.port
         meters = ChurningMeters(args.meters, args.keys)
         config = {
             "mqtt": {"host": LOOPBACK, "port": broker_port, "client_id": "keychurn-bridge"},
@@ -152,11 +150,7 @@ def main() -> int:
         (tmp / "bridge.yaml").write_text(json.dumps(config))  # JSON is YAML
         procs: list[subprocess.Popen[bytes]] = []
         try:
-            mosquitto = subprocess.Popen(
-                ["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-            )
-            procs.append(mosquitto)
-            wait_for_port(broker_port)
+            mosquitto.start()
             meters.start()
             stats = BrokerStats(broker_port)
             with open(tmp / "bridge.log", "wb") as log:
@@ -186,13 +180,14 @@ def main() -> int:
             print(f"peak RSS MB: bridge {peak_rss_mb(bridge.pid):.1f}, mosquitto {peak_rss_mb(mosquitto.pid):.1f}")
             stats.stop()
         finally:
-            for proc in reversed(procs):
+            for proc in procs:
                 proc.terminate()
                 try:
                     proc.wait(5)
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+            mosquitto.stop()  # nothing persisted: killing loses nothing
             meters.stop()
     return 0
 
