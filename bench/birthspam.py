@@ -23,7 +23,6 @@ JSON line; no assertions:
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import shutil
 import signal
@@ -44,8 +43,15 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from bench._simulator import fleet
-from bench.fleet import INTERVAL, bridge_config, spawn, start_mosquitto, started
-from bench.support import LOOPBACK, free_port, percentile, wait_for_port
+from bench.fleet import (
+    INTERVAL,
+    bridge_config,
+    spawn,
+    start_mosquitto,
+    start_simulator,
+    started,
+)
+from bench.support import LOOPBACK, gaps, percentile
 
 STATUS = "homeassistant/status"
 SLIP = 1.0  # the promise: no poll starts more than this late
@@ -126,7 +132,7 @@ def gap_figures(times: dict[str, list[float]], devids: list[str], start: float, 
         before = [t for t in arrivals if t < start]
         inside = [t for t in arrivals if start <= t <= end]
         points = before[-1:] + inside
-        meter_gaps = [b - a for a, b in itertools.pairwise(points)]
+        meter_gaps = gaps(points)
         if points:
             meter_gaps.append(end - points[-1])  # still waiting at the window's end
         all_gaps += meter_gaps
@@ -147,19 +153,14 @@ def run(args: argparse.Namespace, log: Any) -> dict[str, Any]:
     with ExitStack() as stack:
         mosquitto, broker_port = start_mosquitto(tmp)
         stack.enter_context(started(mosquitto))
-        sim_port = free_port()
         times_file = tmp / "times.json"
-        simulator = spawn("simulator", [
-            sys.executable, str(ROOT / "bench" / "_simulator.py"), "--port", str(sim_port),
-            "--meters", str(args.meters), "--delay", str(args.delay / 1000), "--times", str(times_file),
-        ], tmp / "simulator.log")  # fmt: skip
+        config_args = argparse.Namespace(
+            meters=args.meters, delay=args.delay, commands=0, command_delay=0.0, qos=0, publish=None
+        )
+        simulator, sim_port = start_simulator(tmp, config_args, times=times_file)
         stack.enter_context(started(simulator))
-        wait_for_port(sim_port, timeout=60)
         subscriber = Subscriber(broker_port)
         stack.callback(subscriber.stop)
-        config_args = argparse.Namespace(
-            meters=args.meters, commands=0, command_delay=0.0, qos=0, publish=None
-        )
         config = bridge_config(tmp, config_args, broker_port, sim_port)
         out = tmp / "bridge-result.json"
         bridge = spawn("bridge", [

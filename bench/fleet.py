@@ -53,7 +53,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from bench import nodered
 from bench._simulator import fleet
 from bench.procstat import cpu_seconds, peak_rss_mb
-from bench.support import LOOPBACK, free_port, percentile, wait_for_port
+from bench.support import LOOPBACK, Mosquitto, free_port, percentile, wait_for_port
 
 BASE = "smartmac"
 INTERVAL = 6.0  # extended meters, polled as often as they allow
@@ -120,23 +120,28 @@ def spawn(name: str, command: list[str], log: Path) -> Proc:
 
 
 def start_mosquitto(tmp: Path) -> tuple[Proc, int]:
-    port = free_port()
-    conf = tmp / "mosquitto.conf"
-    conf.write_text(f"listener {port} {LOOPBACK}\nallow_anonymous true\npersistence false\n")
-    proc = spawn("mosquitto", ["mosquitto", "-c", str(conf)], tmp / "mosquitto.log")
-    wait_for_port(port)
-    return proc, port
+    """bench.support's mosquitto (config and output in tmp), as a Proc to measure and stop."""
+    broker = Mosquitto(tmp).start()
+    assert broker.process is not None
+    return Proc("mosquitto", broker.process), broker.port
 
 
-def start_simulator(tmp: Path, args: argparse.Namespace) -> tuple[Proc, int]:
+def start_simulator(tmp: Path, args: argparse.Namespace, *, times: Path | None = None) -> tuple[Proc, int]:
+    """bench/_simulator.py for args' fleet; with `times`, it writes arrival times there at exit."""
     port = free_port()
     command = [
         sys.executable, str(ROOT / "bench" / "_simulator.py"), "--port", str(port),
         "--meters", str(args.meters), "--delay", str(args.delay / 1000),
         "--commands", str(args.commands), "--command-delay", str(args.command_delay / 1000),
     ]  # fmt: skip
+    if times is not None:
+        command += ["--times", str(times)]
     proc = spawn("simulator", command, tmp / "simulator.log")
-    wait_for_port(port, timeout=60)
+    try:
+        wait_for_port(port, timeout=60)
+    except TimeoutError:
+        proc.stop()
+        raise
     return proc, port
 
 

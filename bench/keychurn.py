@@ -33,7 +33,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from bench.procstat import peak_rss_mb, rss_mb
-from bench.support import LOOPBACK, free_port, wait_for_port
+from bench.support import LOOPBACK, Mosquitto, free_port
 
 FIRST_ID = 1728100000
 SAMPLE_EVERY = 10.0
@@ -153,9 +153,8 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="keychurn-") as tmp_name:
         tmp = Path(tmp_name)
-        broker_port = free_port()
-        conf = tmp / "mosquitto.conf"
-        conf.write_text(f"listener {broker_port} {LOOPBACK}\nallow_anonymous true\npersistence false\n")
+        mosquitto = Mosquitto(tmp)
+        broker_port = mosquitto.port
         meters = ChurningMeters(args.meters, args.keys)
         config = {
             "mqtt": {"host": LOOPBACK, "port": broker_port, "client_id": "keychurn-bridge"},
@@ -168,11 +167,7 @@ def main() -> int:
         (tmp / "bridge.yaml").write_text(json.dumps(config))  # JSON is YAML
         procs: list[subprocess.Popen[bytes]] = []
         try:
-            mosquitto = subprocess.Popen(
-                ["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-            )
-            procs.append(mosquitto)
-            wait_for_port(broker_port)
+            mosquitto.start()
             meters.start()
             stats = BrokerStats(broker_port)
             with open(tmp / "bridge.log", "wb") as log:
@@ -209,13 +204,14 @@ def main() -> int:
             )
             stats.stop()
         finally:
-            for proc in reversed(procs):
+            for proc in procs:
                 proc.terminate()
                 try:
                     proc.wait(5)
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+            mosquitto.stop()  # nothing persisted: killing loses nothing
             meters.stop()
     return 0
 

@@ -8,8 +8,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from support import LOOPBACK, BrokerProcess, Mosquitto, Probe, Process, Rig, free_port
+from support import BrokerProcess, Probe, Process, Rig
 
+from bench.support import LOOPBACK, Mosquitto, free_port
 from bridge.broker import EmbeddedBroker
 from bridge.config import (
     DeviceSettings,
@@ -41,14 +42,8 @@ def broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BrokerPro
         return
     if shutil.which("mosquitto") is None:
         pytest.skip("mosquitto is not on PATH (apt-get install mosquitto)")
-    mosquitto = Mosquitto(tmp_path, port)
-    mosquitto.start()
-
-    def restart() -> None:
-        mosquitto.stop()
-        mosquitto.start()
-
-    yield BrokerProcess("mosquitto", port, restart)
+    mosquitto = Mosquitto(tmp_path / "mosquitto", port).start()
+    yield BrokerProcess("mosquitto", port, mosquitto.restart)
     mosquitto.stop()
 
 
@@ -93,7 +88,11 @@ def bridge_factory(broker: BrokerProcess) -> Iterator[Callable[..., Bridge]]:
         publish: PublishSettings | None = None,
         **mqtt: object,
     ) -> Bridge:
-        options: dict[str, object] = {"host": LOOPBACK, "port": broker.port, "client_id": f"bridge-{len(bridges)}"}
+        options: dict[str, object] = {
+            "host": LOOPBACK,
+            "port": broker.port,
+            "client_id": f"bridge-{len(bridges)}",
+        }
         options.update(mqtt)
         settings = MqttSettings(**options)  # type: ignore[arg-type]
         bridge = Bridge(

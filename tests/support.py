@@ -1,4 +1,7 @@
-"""Test helpers: free ports, a recording MQTT subscriber, mosquitto, simulated devices."""
+"""Test helpers: a recording MQTT subscriber, the rig, simulated devices, bridge processes.
+
+Ports, waits, mosquitto and gaps are bench.support's, shared with the benchmarks.
+"""
 
 from __future__ import annotations
 
@@ -17,14 +20,11 @@ from pathlib import Path
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-# One copy of these, shared with the benchmark (tests re-import them from here).
-from bench.support import free_port as free_port
-from bench.support import wait_for_port as wait_for_port
+from bench.support import LOOPBACK, gaps
 from bridge.config import DeviceSettings
 from bridge.service import Bridge
 from bridge.simulator import SimMeter, Simulator
 
-LOOPBACK = "127.0.0.1"
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -35,29 +35,6 @@ class BrokerProcess:
     kind: str
     port: int
     restart: Callable[[], None] | None = None
-
-
-class Mosquitto:
-    def __init__(self, directory: Path, port: int) -> None:
-        self.port = port
-        self.conf = directory / "mosquitto.conf"
-        self.conf.write_text(
-            f"listener {port} {LOOPBACK}\nallow_anonymous true\npersistence false\n"
-        )
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            ["mosquitto", "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        wait_for_port(self.port)
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait(timeout=5)
-            self.process = None
-
 
 
 @dataclass(frozen=True)
@@ -114,7 +91,7 @@ class Probe:
 
     def _on_message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
         with self._cond:
-            self.messages.append(Message(msg.topic, msg.payload, bool(msg.retain), time.monotonic()))
+            self.messages.append(Message(msg.topic, bytes(msg.payload), bool(msg.retain), time.monotonic()))
             self._cond.notify_all()
 
     def last(self, topic: str) -> Message | None:
@@ -125,8 +102,12 @@ class Probe:
         return None
 
     def wait_for(
-        self, topic: str, predicate: Callable[[Message], bool] = lambda m: True, timeout: float = 15.0,
-        *, after: int = 0,
+        self,
+        topic: str,
+        predicate: Callable[[Message], bool] = lambda m: True,
+        timeout: float = 15.0,
+        *,
+        after: int = 0,
     ) -> Message:
         """The first message on `topic` (from index `after` on) that satisfies `predicate`."""
         deadline = time.monotonic() + timeout
@@ -159,8 +140,6 @@ class Probe:
         self.client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)
 
 
-
-
 def device(sim: Simulator, meter: SimMeter, **options: object) -> DeviceSettings:
     """The config entry that points the bridge at a simulated meter."""
     values: dict[str, object] = {
@@ -174,8 +153,6 @@ def device(sim: Simulator, meter: SimMeter, **options: object) -> DeviceSettings
     return DeviceSettings(**values)  # type: ignore[arg-type]
 
 
-
-
 def assert_rate_limit_kept(sim: Simulator) -> None:
     """No two requests to one meter *arrived* closer than its model allows.
 
@@ -183,19 +160,9 @@ def assert_rate_limit_kept(sim: Simulator) -> None:
     accepted one, so a refused or faulted request is not checked there; here every one is.
     """
     for meter in sim.meters.values():
-        times = list(meter.request_times)
-        gaps = [later - earlier for earlier, later in zip(times, times[1:])]
-        assert not gaps or min(gaps) >= meter.interval, (meter.devid, meter.interval, min(gaps))
+        between = gaps(meter.request_times)
+        assert not between or min(between) >= meter.interval, (meter.devid, meter.interval, min(between))
     assert sim.total_rate_limited() == 0
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    """For simulator state, which has no event to wait on: check every 10 ms, up to timeout."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        time.sleep(0.01)
 
 
 class Process:
@@ -209,9 +176,18 @@ class Process:
         stdin_path = tmp_path / "stdin.txt"
         stdin_path.write_bytes(stdin)  # never the test runner's own stdin: no process waits on it
         full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}
-        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err, open(stdin_path, "rb") as inp:
+        with (
+            open(self.stdout_path, "wb") as out,
+            open(self.stderr_path, "wb") as err,
+            open(stdin_path, "rb") as inp,
+        ):
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "bridge", *args], cwd=ROOT, env=full_env, stdin=inp, stdout=out, stderr=err
+                [sys.executable, "-m", "bridge", *args],
+                cwd=ROOT,
+                env=full_env,
+                stdin=inp,
+                stdout=out,
+                stderr=err,
             )
 
     @property

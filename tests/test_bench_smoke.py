@@ -20,6 +20,8 @@ from bench import nodered
 from bench.fleet import _LABELS
 
 ROOT = Path(__file__).resolve().parent.parent
+#: Figures only the bridge has: its schedule lags and the relay commands (sent to it alone).
+NOT_FOR_PEERS = {"lag_p50_ms", "lag_p99_ms", "lag_max_ms", "relay_p50_ms", "relay_p99_ms"}
 
 pytestmark = pytest.mark.skipif(shutil.which("mosquitto") is None, reason="mosquitto is not on PATH")
 
@@ -35,12 +37,28 @@ def test_fleet_benchmark_smoke_run() -> None:
     done = subprocess.run(command, check=False, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     table, _, last = done.stdout.rstrip("\n").rpartition("\n")
-    for _, label in _LABELS:
-        assert label in table
     assert "CPU per poll, bridge / floor:" in table
     record = json.loads(last)
     rows = record["rows"]
     assert set(rows) == ({"bridge", "floor", "node-red"} if with_node_red else {"bridge", "floor"})
+    # The printed table: one column per peer, each cell the JSON figure, and every cell a
+    # number but where a figure does not apply to a peer (n/a).
+    lines = table.splitlines()
+    header = next(line for line in lines if line.startswith("figure "))
+    peers = header.split()[1:]
+    assert set(peers) == set(rows), header
+    for key, label in _LABELS:
+        line = next((line for line in lines if line.startswith(label + " ")), None)
+        assert line is not None, label
+        cells = line[len(label) :].split()
+        assert len(cells) == len(peers), line
+        for peer, cell in zip(peers, cells, strict=True):
+            value = rows[peer][key]
+            assert cell == ("n/a" if value is None else str(value)), (peer, label, cell, value)
+            if cell == "n/a":
+                assert peer != "bridge" and key in NOT_FOR_PEERS, (peer, label)
+            else:
+                float(cell)
     for peer, row in rows.items():
         assert set(row) >= {key for key, _ in _LABELS}, peer
         assert row["violations_429"] == 0 and row["early_arrivals"] == 0, (peer, row)
@@ -57,8 +75,9 @@ def test_fleet_benchmark_smoke_run() -> None:
     assert bridge["messages_per_s"] > 0
     assert (bridge["relay_commands"], bridge["relay_confirmed"]) == (3, 3)
     assert 0 < bridge["relay_p50_ms"] <= bridge["relay_p99_ms"]
-    # The lags were recorded, and only from the measured window.
+    # The lags were recorded (a number, not n/a: not empty), and only from the measured window.
     assert 0 <= bridge["lag_p50_ms"] <= bridge["lag_p99_ms"] <= bridge["lag_max_ms"]
+    assert all(rows[peer][key] is None for peer in rows if peer != "bridge" for key in NOT_FOR_PEERS), rows
     # The floor only polls: nothing reaches the subscriber from it, and it keeps the gaps.
     assert rows["floor"]["messages_per_s"] == 0
     assert "cpu_per_poll_ratio_floor" in record

@@ -19,10 +19,10 @@ from collections.abc import Callable, Iterator
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
-from support import LOOPBACK as HOST
-from support import free_port
 
 import bridge.broker
+from bench.support import LOOPBACK as HOST
+from bench.support import free_port
 from bridge.broker import EmbeddedBroker
 from bridge.errors import BrokerError
 

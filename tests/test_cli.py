@@ -10,16 +10,9 @@ from pathlib import Path
 
 import pytest
 from shapes import json_object
-from support import (
-    LOOPBACK,
-    Probe,
-    Process,
-    Rig,
-    free_port,
-    wait_for_port,
-    write_config,
-)
+from support import Probe, Process, Rig, write_config
 
+from bench.support import LOOPBACK, free_port, wait_for_port
 from bridge.simulator import SimMeter, Simulator
 
 PIN = "470193"

@@ -6,8 +6,9 @@ import logging
 
 import pytest
 from shapes import json_object, present
-from support import Rig, assert_rate_limit_kept, device, wait_until
+from support import Rig, assert_rate_limit_kept, device
 
+from bench.support import wait_until
 from bridge.simulator import SimMeter, Simulator, make_fleet
 
 # The logic under test does not depend on the broker; one real broker is enough here.

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 from shapes import json_object
-from support import LOOPBACK, Rig
+from support import Rig
 
+from bench.support import LOOPBACK
 from bridge.config import DeviceSettings, load_settings
 from bridge.simulator import Simulator, make_fleet
 

@@ -10,8 +10,8 @@ import traceback
 from collections.abc import Callable, Sequence
 
 import pytest
-from support import LOOPBACK, free_port
 
+from bench.support import LOOPBACK, free_port
 from bridge.errors import (
     BodyError,
     MeterAuthError,

@@ -8,14 +8,13 @@ import asyncio
 import logging
 import shutil
 import socket
-import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import LOOPBACK, free_port, wait_until
 
+from bench.support import LOOPBACK, Mosquitto, wait_until
 from bridge.config import MqttSettings
 from bridge.mqtt import MqttLink, host_port
 
@@ -163,19 +162,14 @@ def test_an_ipv6_broker_is_logged_in_brackets(
     tmp_path: Path, links: list[MqttLink], caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="bridge.mqtt")
-    port = free_port()
-    conf = tmp_path / "mosquitto.conf"
-    conf.write_text(f"listener {port} ::1\nallow_anonymous true\npersistence false\n")
-    broker = subprocess.Popen(
-        ["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    broker = Mosquitto(tmp_path, host="::1").start()
+    port = broker.port
     try:
-        link = start_link(links, "::1", port)  # paho retries until mosquitto listens
+        link = start_link(links, "::1", port)
         assert link.connected.wait(BOUND)
         assert link.broker == f"[::1]:{port}"
         wanted = f"connected to MQTT broker [::1]:{port}; republished 0 retained topics"
         wait_until(lambda: wanted in caplog.messages, BOUND, "the connected line")  # logged after the event
         assert f"connecting to MQTT broker [::1]:{port}" in caplog.messages
     finally:
-        broker.kill()
-        broker.wait(timeout=5)
+        broker.stop()

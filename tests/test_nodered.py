@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 from shapes import json_object
-from support import LOOPBACK, Message, Rig, device, wait_until
+from support import Message, Rig, device
 
 from bench import nodered
+from bench.support import LOOPBACK, wait_until
 from bridge.simulator import SimMeter
 
 FLOW = Path(__file__).resolve().parent.parent / "examples" / "node-red" / "flows.json"

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from bench.support import wait_until
 from bridge.simulator import FAULTS, SimMeter, Simulator, make_fleet
 
 # The vendor's sample answer (seed-api.txt), verbatim: note the raw newlines in br*.
@@ -53,17 +54,6 @@ def _normalize(body: str) -> str:
     body = re.sub(r'"value":"[^"]*"', '"value":"?"', body)
     body = re.sub(r'"devid":"\d+","time":"\d+","pout":"[01]"', '"devid":"?","time":"?","pout":"?"', body)
     return body
-
-
-def _wait_for(cond: Callable[[], bool], timeout: float = TIMEOUT) -> bool:
-    """Poll cond until true or timeout, without sleeping the whole time."""
-    tick = threading.Event()
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        tick.wait(0.005)
-    return True
 
 
 @pytest.fixture
@@ -546,8 +536,8 @@ def test_disconnects_log_nothing_above_debug(
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
         s.sendall(f"GET /?page=getdata&devid={m.devid}&devpass={m.pin} HTTP/1.0\r\n\r\n".encode())
         s.close()
-    assert _wait_for(lambda: huge.requests == 1 and plain.requests == 1)
-    assert _wait_for(lambda: not sim._tasks)  # every handler finished
+    wait_until(lambda: huge.requests == 1 and plain.requests == 1, TIMEOUT, "both requests counted")
+    wait_until(lambda: not sim._tasks, TIMEOUT, "every handler finished")
     # And the server still answers.
     sim.set_fault(huge.devid, "ok")
     assert get(sim, huge).status_code == 200
@@ -577,7 +567,7 @@ def test_stop_is_prompt_with_a_hanging_connection() -> None:
         done.set()
 
     threading.Thread(target=client, daemon=True).start()
-    assert _wait_for(lambda: m.requests == 1)
+    wait_until(lambda: m.requests == 1, TIMEOUT, "the hanging request arrived")
     t0 = time.monotonic()
     sim.stop()
     assert time.monotonic() - t0 < 2.0

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 from faultkit import PASSWORD, USERNAME, FaultMosquitto, Watch
-from support import BrokerProcess, Probe, free_port
+from support import BrokerProcess, Probe
 
+from bench.support import free_port
 from bridge.service import Bridge
 
 

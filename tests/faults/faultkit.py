@@ -9,12 +9,10 @@ import base64
 import contextlib
 import getpass
 import hashlib
-import itertools
 import logging
 import os
 import re
 import shutil
-import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -22,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from support import LOOPBACK, Mosquitto, Probe, free_port, wait_for_port
+from support import Probe
 
+from bench.support import LOOPBACK, Mosquitto, free_port
 from bridge.simulator import SimMeter
 
 # --- secrets ------------------------------------------------------------------------------
@@ -39,14 +38,15 @@ PINS = (
     "128957", "475302", "936814", "017469", "548291", "783605", "362918", "859034",
     "204687", "671539", "093852", "415726", "827140", "356081", "740293", "612478",
 )  # fmt: skip
-SECRETS = (*PINS, PASSWORD, WRONG_PASSWORD)
 FIRST_ID = 1728060000
 
 # A PIN is digits, so it only counts where it is not part of a longer number (a counter
 # value or a timestamp may contain six digits by chance); a leaked PIN sits in
 # "devpass=739164&" or between spaces or quotes, never inside a longer number.
 _LEAK = re.compile(
-    "|".join([rf"(?<![0-9]){pin}(?![0-9])" for pin in PINS] + [re.escape(PASSWORD), re.escape(WRONG_PASSWORD)])
+    "|".join(
+        [rf"(?<![0-9]){pin}(?![0-9])" for pin in PINS] + [re.escape(PASSWORD), re.escape(WRONG_PASSWORD)]
+    )
 )
 
 
@@ -145,7 +145,8 @@ class Watch:
         """Records whose message matches `pattern` (re.search), at exactly `level` if given."""
         regex = re.compile(pattern)
         return [
-            r for r in list(self.records)
+            r
+            for r in list(self.records)
             if r.at >= since and (level is None or r.level == level) and regex.search(r.message)
         ]
 
@@ -160,8 +161,8 @@ class Watch:
                 text = message.topic + " " + message.payload.decode("utf-8", "replace")
                 if (where := find_secret(text)) is not None:
                     found.append(f"MQTT message: {where!r}")
-        for name, text in self._texts:
-            if (where := find_secret(text())) is not None:
+        for name, read in self._texts:
+            if (where := find_secret(read())) is not None:
                 found.append(f"{name}: {where!r}")
         return found
 
@@ -246,10 +247,7 @@ class FaultMosquitto(Mosquitto):
 
     def __init__(self, directory: Path, port: int, *, persistence: bool = False, tls: bool = False) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        super().__init__(directory, port)
-        self.directory = directory
         self.log = directory / "mosquitto.log"
-        self.persistence = persistence
         passwords = directory / "passwords"
         write_password_file(passwords, {USERNAME: PASSWORD})
         lines = [
@@ -283,33 +281,13 @@ class FaultMosquitto(Mosquitto):
                     f"keyfile {certs.server_key}",
                     f"require_certificate {'true' if require_certificate else 'false'}",
                 ]
-        self.conf.write_text("\n".join(lines) + "\n")
+        listeners = [self.tls_port, self.mtls_port] if tls else []
+        super().__init__(directory, port, config=lines, listeners=listeners)
 
-    def start(self) -> None:
-        binary = require("mosquitto")
-        with open(self.directory / "mosquitto.out", "ab") as out:
-            self.process = subprocess.Popen([binary, "-c", str(self.conf)], stdout=out, stderr=out)
-        try:
-            for port in filter(None, (self.port, self.tls_port, self.mtls_port)):
-                wait_for_port(port)
-        except TimeoutError:
-            output = (self.directory / "mosquitto.out").read_text(errors="replace")
-            raise AssertionError(f"mosquitto did not start:\n{output}") from None
-
-    def terminate(self) -> None:
-        """Stop as an administrator would (SIGTERM): with persistence, it saves first."""
-        if self.process is not None:
-            self.process.send_signal(signal.SIGTERM)
-            self.process.wait(timeout=10)
-            self.process = None
-
-    def restart(self, *, graceful: bool = False) -> None:
-        """Gone and back on the same port: killed (nothing saved) unless `graceful`."""
-        if graceful:
-            self.terminate()
-        else:
-            self.stop()
-        self.start()
+    def start(self) -> FaultMosquitto:
+        require("mosquitto")
+        super().start()
+        return self
 
     def log_lines(self, pattern: str) -> list[str]:
         text = self.log.read_text(errors="replace") if self.log.exists() else ""
@@ -322,8 +300,3 @@ class FaultMosquitto(Mosquitto):
 def arrivals_before(meter: SimMeter, moment: float) -> int:
     """How many requests reached `meter` before `moment` (time.monotonic())."""
     return sum(1 for t in list(meter.request_times) if t < moment)
-
-
-def gaps(meter: SimMeter) -> list[float]:
-    times = list(meter.request_times)
-    return [later - earlier for earlier, later in itertools.pairwise(times)]

@@ -8,9 +8,9 @@ from __future__ import annotations
 import time
 
 import pytest
-from faultkit import gaps
 from support import Probe, Rig, assert_rate_limit_kept, device
 
+from bench.support import gaps
 from bridge.reannounce import SPACING
 from bridge.simulator import make_fleet
 
@@ -70,6 +70,7 @@ def test_birth_burst_costs_one_reannounce_and_no_poll_slips(rig: Rig) -> None:
     # Polls kept their schedule throughout.
     assert bridge.lags and max(bridge.lags) < SLIP, max(bridge.lags or [0.0])
     for meter in meters:
-        window = [g for g, t in zip(gaps(meter), list(meter.request_times)[1:], strict=False) if t > began]
+        times = list(meter.request_times)
+        window = [g for g, t in zip(gaps(times), times[1:], strict=False) if t > began]
         assert window and max(window) < meter.interval + SLIP, (meter.devid, max(window))
     assert_rate_limit_kept(sim)

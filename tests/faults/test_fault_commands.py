@@ -15,7 +15,9 @@ import time
 import pytest
 from faultkit import FaultMosquitto, Watch, fault_meter
 from shapes import json_object, present
-from support import Rig, assert_rate_limit_kept, device, wait_until
+from support import Rig, assert_rate_limit_kept, device
+
+from bench.support import wait_until
 
 pytestmark = [
     pytest.mark.mosquitto,

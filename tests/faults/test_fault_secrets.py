@@ -15,8 +15,9 @@ from collections.abc import Callable
 
 import pytest
 from faultkit import PASSWORD, PINS, Watch, exception_texts, fault_meter, find_secret
-from support import LOOPBACK, Message, Probe, free_port
+from support import Message, Probe
 
+from bench.support import LOOPBACK, free_port
 from bridge.errors import BodyError, MeterError
 from bridge.meter import MeterClient
 from bridge.readings import parse_body

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 from faultkit import PASSWORD, USERNAME, Watch, fault_meter
-from support import LOOPBACK, Process, Rig, wait_until, write_config
+from support import Process, Rig, write_config
+
+from bench.support import LOOPBACK, wait_until
 
 pytestmark = pytest.mark.mosquitto
 

@@ -18,8 +18,9 @@ from faultkit import (
     Watch,
     fault_meter,
 )
-from support import LOOPBACK, Rig, device, wait_until
+from support import Rig, device
 
+from bench.support import LOOPBACK, wait_until
 from bridge.config import DeviceSettings, MqttSettings
 from bridge.service import Bridge
 
