@@ -96,6 +96,8 @@ class MqttLink:
         self._thread = 0
         self._sock: SocketLike | None = None
         self._fd = -1
+        self._writer = False  # a writer is registered for paho's socket
+        self._write_queued = False  # _write_queued_packets is due
         self._down = asyncio.Event()
         self._keeper: asyncio.Task[None] | None = None
         self._misc: asyncio.TimerHandle | None = None
@@ -240,7 +242,7 @@ class MqttLink:
         self._sock, self._fd = sock, fd
         self._loop.add_reader(fd, self._readable)
         if self._client.want_write():  # queued before the loop knew the socket
-            self._loop.add_writer(fd, self._writable)
+            self._want_write(sock)
 
     def _socket_close(self, client: paho.Client, userdata: object, sock: SocketLike) -> None:
         self._on_loop(self._closed, sock)
@@ -254,20 +256,38 @@ class MqttLink:
         if self._fd >= 0 and self._loop is not None:
             self._loop.remove_reader(self._fd)
             self._loop.remove_writer(self._fd)
-        self._sock, self._fd = None, -1
+        self._sock, self._fd, self._writer = None, -1, False
 
     def _socket_want_write(self, client: paho.Client, userdata: object, sock: SocketLike) -> None:
         self._on_loop(self._want_write, sock)
 
     def _want_write(self, sock: SocketLike) -> None:
-        if sock is self._sock and self._loop is not None:
+        # Written at the end of this pass of the loop (or by write_now() sooner), not when
+        # epoll says the socket is writable, which it nearly always is: that would cost a
+        # pass of the loop and two epoll_ctl calls per batch. The writer is registered only
+        # when the socket's buffer is full.
+        if sock is self._sock and self._loop is not None and not self._write_queued:
+            self._write_queued = True
+            self._loop.call_soon(self._write_queued_packets)
+
+    def _write_queued_packets(self) -> None:
+        self._write_queued = False
+        self.write_now()
+        if self._fd >= 0 and self._client.want_write() and not self._writer and self._loop is not None:
+            self._writer = True  # the socket is full: write when there is room again
             self._loop.add_writer(self._fd, self._writable)
+
+    def write_now(self) -> None:
+        """Write what paho holds for the broker, now (on the loop, outside paho's callbacks)."""
+        if self._fd >= 0 and self._client.want_write():
+            self._writable()
 
     def _socket_done_writing(self, client: paho.Client, userdata: object, sock: SocketLike) -> None:
         self._on_loop(self._done_writing, sock)
 
     def _done_writing(self, sock: SocketLike) -> None:
-        if sock is self._sock and self._loop is not None:
+        if sock is self._sock and self._loop is not None and self._writer:
+            self._writer = False
             self._loop.remove_writer(self._fd)
 
     def _readable(self) -> None:

@@ -1,7 +1,7 @@
 """The wiring: one asyncio loop runs schedule -> meter -> readings -> topics -> MQTT.
 
-Every request is a task on the loop (a slow or dead meter holds one socket until its
-deadline, never the others), paho is driven from the same loop (mqtt.py), so commands and
+Every request is a socket the loop watches (a slow or dead meter holds one socket until
+its deadline, never the others), paho is driven from the same loop (mqtt.py), so commands and
 Home Assistant's messages arrive on it too: all the bridge's state has one owner and needs
 no lock. The rules live in pure modules: who is due (schedule.py), a meter's relay
 commands (commands.py), its availability (availability.py), what configs go out when
@@ -17,6 +17,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 from . import __version__
 from .availability import Availability
@@ -28,7 +29,7 @@ from .discovery import DeviceInfo, Discovery, Signature
 from .errors import BodyError, CommandError, MeterError, MeterHTTPError, MeterUnreachable
 from .homeassistant import HomeAssistant
 from .keyset import KeyTracker
-from .meter import MeterClient
+from .meter import Exchange, MeterClient
 from .mqtt import MqttLink
 from .readings import Snapshot, parse_body
 from .schedule import Scheduler
@@ -69,8 +70,12 @@ class Meter:
     health: Availability = field(default_factory=Availability)
     relay: Relay | None = None
     """The relay as the last good read showed it."""
-    request: asyncio.Task[None] | None = None
+    exchange: Exchange | None = None
     """The request in flight, if any."""
+    started: float = 0.0
+    """When it started (monotonic)."""
+    resolving: asyncio.Task[None] | None = None
+    """The lookup of the meter's host name, if one runs; the request starts after it."""
     rejected_logged: set[str] = field(default_factory=set)
     keys: KeyTracker = field(default_factory=KeyTracker)
     """Which keys the meter stopped sending: forgotten everywhere (see keyset.py)."""
@@ -244,8 +249,10 @@ class Bridge:
         if self._wake is not None:
             self._wake.cancel()
         for meter in self._meters.values():
-            if meter.request is not None:
-                meter.request.cancel()  # nothing waits for a dead meter
+            if meter.exchange is not None:
+                meter.exchange.abort()  # nothing waits for a dead meter
+            if meter.resolving is not None:
+                meter.resolving.cancel()
             for result in meter.commands.shutdown():
                 self._events.append((meter.topics.relay_result, result))
         self._waiting.clear()
@@ -266,8 +273,7 @@ class Bridge:
             self._expire_commands(now)
             assert self._loop is not None
             for segment, planned in self._schedule.pop_due(now):
-                meter = self._meters[segment]
-                meter.request = self._loop.create_task(self._poll(meter, planned))
+                self._begin(self._meters[segment], planned)
             # After the due requests started: a slice of a re-announce delays none of them.
             announce_at = self._ha.turn(now) if self._ha is not None else None
             self._flush_soon()
@@ -330,39 +336,63 @@ class Bridge:
 
     # -- one request --------------------------------------------------------------------
 
-    async def _poll(self, meter: Meter, planned: float) -> None:
-        """The meter's request (it is due); a command rides along if one waits."""
-        client = meter.client
+    def _begin(self, meter: Meter, planned: float) -> None:
+        """Start the meter's request (it is due); a command rides along if one waits."""
         started = time.monotonic()
+        client = meter.client
+        try:
+            if client.address(started) is None:
+                # A lookup blocks: the loop's executor does it (the scheduler keeps the
+                # meter "in flight" meanwhile), then the request starts.
+                assert self._loop is not None
+                meter.resolving = self._loop.create_task(self._resolve(meter))
+                return
+            if self.lags is not None:
+                self.lags.append(started - planned)
+            target = meter.commands.begin()
+            pout = None if target is None else pout_for(target, meter.device.relay_inverted)
+            meter.started = started
+            assert self._loop is not None
+            meter.exchange = client.exchange(pout, self._loop, partial(self._complete, meter), started)
+        except Exception:
+            # A meter popped by the scheduler is "in flight" until its request ends: one that
+            # failed to start must still end, or it would never be polled again.
+            logger.exception("%s: cannot start a request", client.label)
+            meter.exchange = None
+            self._finish(
+                meter, None, MeterError(f"{client.label}: internal error"), started, time.monotonic()
+            )
+
+    async def _resolve(self, meter: Meter) -> None:
+        error = await meter.client.resolve()
+        meter.resolving = None
+        if error is None:
+            self._begin(meter, time.monotonic())  # its lag counts from here
+            return
+        # Counted as a failed request, with the same bookkeeping.
+        meter.commands.begin(sent=False)
+        now = time.monotonic()
+        self._finish(meter, None, error, now, now)
+
+    def _complete(self, meter: Meter) -> None:
+        """The meter's request is over (answer, failure or deadline): handle its outcome."""
+        # After the answer is in: no earlier than its arrival, which keeps the gap rule on
+        # the safe side (see Scheduler.finished).
+        ended = time.monotonic()
+        exchange, meter.exchange = meter.exchange, None
         snap: Snapshot | None = None
         error: MeterError | None = None
         try:
-            if client.address(started) is None:
-                error = await client.resolve()
-                # Its lag counts from here: the lookup is not the schedule's delay.
-                started = planned = time.monotonic()
-            if error is not None:
-                meter.commands.begin(sent=False)  # counted as a failed request
-            else:
-                if self.lags is not None:
-                    self.lags.append(started - planned)
-                target = meter.commands.begin()
-                pout = None if target is None else pout_for(target, meter.device.relay_inverted)
-                snap = self._check(meter, await client.request(pout, started))
+            assert exchange is not None
+            snap = self._check(meter, exchange.result())
         except MeterError as exc:
             error = exc
             if isinstance(exc, MeterUnreachable):
-                client.forget_address()
-        except asyncio.CancelledError:
-            meter.request = None
-            raise  # stopping: the shutdown answers the command
+                meter.client.forget_address()
         except Exception:  # a bug must cost one read, never the meter's schedule
-            logger.exception("%s: unexpected error", client.label)
-            error = MeterError(f"{client.label}: internal error")
-        meter.request = None
-        # After the answer is in: no earlier than its arrival, which keeps the gap rule on
-        # the safe side (see Scheduler.finished).
-        self._finish(meter, snap, error, started, time.monotonic())
+            logger.exception("%s: unexpected error", meter.client.label)
+            error = MeterError(f"{meter.client.label}: internal error")
+        self._finish(meter, snap, error, meter.started, ended)
 
     def _check(self, meter: Meter, body: bytes) -> Snapshot:
         label = meter.client.label
@@ -472,6 +502,7 @@ class Bridge:
             events, self._events = self._events, []
             for topic, payload in events:
                 self.link.publish_event(topic, payload)
+        self.link.write_now()
 
     # -- messages from the broker (on the loop) ---------------------------------------------
 
