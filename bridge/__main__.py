@@ -8,7 +8,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -170,30 +169,42 @@ def build_bridge(settings: Settings, devices: Sequence[DeviceSettings], *, host:
 
 def serve(settings: Settings, devices: Sequence[DeviceSettings]) -> int:
     """Run the bridge (and the embedded broker if no broker is configured) until a signal."""
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: stop.set())
+    from .service import run_loop
 
+    return run_loop(_serve(settings, devices))
+
+
+async def _serve(settings: Settings, devices: Sequence[DeviceSettings]) -> int:
+    """On the loop: the embedded broker if wanted, the bridge, until SIGTERM or SIGINT."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     broker = None
     host, port = _broker_address(settings)
     if settings.mqtt.host is None:
         from .broker import EmbeddedBroker
         from .mqtt import host_port
 
-        broker = EmbeddedBroker(host, port).start()
+        # On this loop, not a thread of its own: see broker.py.
+        broker = EmbeddedBroker(host, port)
+        await broker.open()
         logger.info("no mqtt.host configured: using the embedded broker on %s", host_port(host, port))
     try:
         bridge = build_bridge(settings, devices, host=host, port=port)
-        bridge.start()
-        try:
-            while not stop.wait(1.0):
-                pass
+        running = loop.create_task(bridge.run())
+        stopping = loop.create_task(stop.wait())
+        await asyncio.wait((running, stopping), return_when=asyncio.FIRST_COMPLETED)
+        if not running.done():
             logger.info("stopping")
-        finally:
-            bridge.stop()
+            bridge.shutdown()
+        stopping.cancel()
+        await running
     finally:
         if broker is not None:
-            broker.stop()
+            await broker.aclose()
     return 0
 
 

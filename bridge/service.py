@@ -16,8 +16,10 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from functools import partial
+from typing import TypeVar
 
 from . import __version__
 from .availability import Availability
@@ -49,6 +51,8 @@ from .topics import (
 )
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: Most seconds between the first polls of two meters at start. Without a spread every
 #: meter would be due at the same instant, at start and then every interval, and the
@@ -181,29 +185,23 @@ class Bridge:
                 loop.call_soon_threadsafe(stop.set)
         if self._thread.is_alive():
             self._thread.join(STOP_TIMEOUT)
-        logger.info("bridge stopped")
 
     def _main(self) -> None:
-        loop = asyncio.new_event_loop()
-        # Lookups (meters' host names) and the broker's blocking connect run here; a few
-        # threads are plenty, and none may hold up the exit.
-        executor = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="bridge-io")
-        loop.set_default_executor(executor)
         try:
-            loop.run_until_complete(self.run())
+            run_loop(self.run())
         finally:
             self._started.set()  # (if run() failed before it)
-            for task in asyncio.all_tasks(loop):
-                task.cancel()
-            with contextlib.suppress(Exception):
-                loop.run_until_complete(asyncio.sleep(0))
-            executor.shutdown(wait=False, cancel_futures=True)
-            loop.close()
+
+    def shutdown(self) -> None:
+        """On the loop: make run() answer open commands, say offline and return."""
+        if self._stop is not None:
+            self._stop.set()
 
     async def run(self) -> None:
-        """The bridge, until stop(): on the running loop."""
+        """The bridge, until shutdown() (or stop()): on the running loop."""
         loop = self._loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
+        if self._stop is None:
+            self._stop = asyncio.Event()
         info = info_payload(
             __version__,
             (
@@ -242,6 +240,7 @@ class Bridge:
             await self._stop.wait()
         finally:
             await self._shutdown()
+            logger.info("bridge stopped")
 
     async def _shutdown(self) -> None:
         """Answer every open command, abandon requests, say offline, disconnect."""
@@ -553,3 +552,24 @@ class Bridge:
             logger.info("relay command %s for %s", received.target.value, meter.client.label)
             self._arm()
         self._flush_soon()
+
+
+def run_loop(main: Coroutine[object, object, T]) -> T:
+    """Run `main` on a new asyncio loop, as the bridge runs: the standard loop (uvloop
+    measured no faster here, README "Performance"), and an executor for what blocks.
+
+    Lookups (meters' host names) and paho's blocking connect run in the executor; a few
+    threads are plenty, and none may hold up the exit (asyncio.run would wait for a connect
+    to a dead broker host)."""
+    loop = asyncio.new_event_loop()
+    executor = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="bridge-io")
+    loop.set_default_executor(executor)
+    try:
+        return loop.run_until_complete(main)
+    finally:
+        for task in asyncio.all_tasks(loop):
+            task.cancel()
+        with contextlib.suppress(Exception):
+            loop.run_until_complete(asyncio.sleep(0))
+        executor.shutdown(wait=False, cancel_futures=True)
+        loop.close()
