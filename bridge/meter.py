@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import ipaddress
+import logging
 import os
 import socket
 import time
@@ -33,6 +34,8 @@ from .errors import (
     MeterRateLimited,
     MeterUnreachable,
 )
+
+logger = logging.getLogger(__name__)
 
 #: A meter body is about 2 KB; anything past this is not a meter talking.
 MAX_BODY = 64 * 1024
@@ -269,6 +272,22 @@ class Exchange:
 
     def _writable(self) -> None:
         """Connected (or failed to), then the request goes out."""
+        self._guarded(self._write)
+
+    def _readable(self) -> None:
+        self._guarded(self._read)
+
+    def _guarded(self, step: Callable[[], None]) -> None:
+        # A bug here must end this request, not escape into the loop: the callback would
+        # stay registered and fail again on every pass until the deadline.
+        try:
+            step()
+        except Exception:
+            logger.exception("%s: unexpected error in a request", self._client.label)
+            if not self.done:
+                self._fail(MeterError(f"{self._client.label}: internal error"))
+
+    def _write(self) -> None:
         sock = self._sock
         if sock is None:
             return
@@ -294,7 +313,7 @@ class Exchange:
         self._loop.remove_writer(self._fd)
         self._loop.add_reader(self._fd, self._readable)
 
-    def _readable(self) -> None:
+    def _read(self) -> None:
         sock = self._sock
         if sock is None:
             return
@@ -394,7 +413,11 @@ def _parse_head(label: str, head: bytes) -> MeterError | int | None:
     """The head's error, or the Content-Length (None without one)."""
     lines = [line.rstrip(b"\r") for line in head.split(b"\n")]
     status = lines[0].split(None, 2)
-    if len(status) < 2 or not status[0].startswith(b"HTTP/") or not status[1].isdigit():
+    if (
+        len(status) < 2
+        or not status[0].startswith(b"HTTP/")
+        or not (status[1].isdigit() and len(status[1]) == 3)
+    ):
         return BodyError(f"{label}: answer is not HTTP")
     code = int(status[1])
     if code != 200:
@@ -405,7 +428,7 @@ def _parse_head(label: str, head: bytes) -> MeterError | int | None:
         name = name.strip().lower()
         if name == b"content-length":
             text = value.strip()
-            if not text.isdigit():
+            if not text.isdigit() or len(text) > 12:  # int() refuses > 4300 digits
                 return BodyError(f"{label}: answer has a bad Content-Length")
             length = int(text)
         elif name == b"transfer-encoding" and value.strip().lower() != b"identity":

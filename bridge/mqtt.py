@@ -128,6 +128,9 @@ class MqttLink:
                 ) from None
             client.tls_insecure_set(tls.insecure)
         client.will_set(will_topic, b"offline", qos=1, retain=True)
+        # No in-flight window: with paho's default 20, close()'s final QoS 1 offline burst
+        # (one per meter) takes a round trip per 20 meters and misses its 2 s.
+        client.max_inflight_messages_set(0)
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
@@ -167,11 +170,20 @@ class MqttLink:
         self._stopped = True
         if self._keeper is not None:
             self._keeper.cancel()
+        taken = True
         if last is not None and last.rc == MQTTErrorCode.MQTT_ERR_SUCCESS and not last.is_published():
             # paho sends in order, so the last one acknowledged means all were sent.
             done = self._published.setdefault(last.mid, loop.create_future())
-            with contextlib.suppress(TimeoutError):
+            try:
                 await asyncio.wait_for(done, max(0.0, until - loop.time()))
+            except TimeoutError:
+                taken = False
+        if self._fd >= 0 and not taken and self._sock is not None:
+            # Not all acknowledged: no DISCONNECT, which would discard the last will; a
+            # dropped connection makes the broker publish it (offline).
+            with contextlib.suppress(OSError):
+                self._sock.close()
+            self._forget_socket()
         if self._fd >= 0:
             self._down.clear()
             self._client.disconnect()  # written by the loop, then the socket closes
@@ -192,7 +204,7 @@ class MqttLink:
             self._down.clear()
             try:
                 # Blocking inside paho (lookup, TCP, TLS handshake): the executor's.
-                await loop.run_in_executor(None, self._client.reconnect)
+                await _in_daemon_thread(loop, self._client.reconnect)
             except (OSError, ssl.CertificateError, ValueError) as exc:
                 logger.debug("connect to %s failed: %s", self.broker, type(exc).__name__)
                 self._problem(f"cannot reach MQTT broker {self.broker}; retrying")
@@ -237,6 +249,11 @@ class MqttLink:
         fd = sock.fileno()
         if fd < 0:
             return  # closed again before this reached the loop
+        if self._stopped:
+            # A reconnect() that was still running in the executor when close() came.
+            with contextlib.suppress(OSError):
+                sock.close()
+            return
         assert self._loop is not None
         self._forget_socket()
         self._sock, self._fd = sock, fd
@@ -462,6 +479,31 @@ class MqttLink:
             self._last_problem = text
         else:
             logger.debug("%s", text)
+
+
+async def _in_daemon_thread(loop: asyncio.AbstractEventLoop, call: Callable[[], object]) -> object:
+    """`call()` on a daemon thread of its own: a connect that hangs (a stalled TLS
+    handshake, a slow lookup) must not hold up the process's exit, which the loop's
+    executor would (the interpreter joins its workers at exit, shutdown(wait=False) or not)."""
+    future: asyncio.Future[object] = loop.create_future()
+
+    def settle(result: object, error: BaseException | None) -> None:
+        if not future.done():
+            if error is None:
+                future.set_result(result)
+            else:
+                future.set_exception(error)
+
+    def run() -> None:
+        try:
+            result, error = call(), None
+        except BaseException as exc:  # handed to the awaiting task
+            result, error = None, exc
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name="mqtt-connect", daemon=True).start()
+    return await future
 
 
 _MIN_DELAY = 1.0  # seconds before the first reconnect attempt

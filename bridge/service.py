@@ -256,8 +256,9 @@ class Bridge:
                 self._events.append((meter.topics.relay_result, result))
         self._waiting.clear()
         self._flush()
-        final = [(m.topics.availability, OFFLINE) for m in self._meters.values()]
-        final.append((self._availability, OFFLINE))
+        # The bridge's own first: it is what every Home Assistant entity depends on.
+        final = [(self._availability, OFFLINE)]
+        final += [(m.topics.availability, OFFLINE) for m in self._meters.values()]
         await self.link.close(final)
 
     # -- the schedule ---------------------------------------------------------------------

@@ -259,3 +259,22 @@ def test_re_resolution_keeps_the_address_that_worked(
     now += RESOLVE_TTL + 1
     assert c.address(now) is None and _resolve(c, now) is None
     assert c.address(now) == answer[0]
+
+
+@pytest.mark.parametrize(
+    ("head", "text"),
+    [
+        # int() refuses more than 4,300 digits: such a head once escaped the loop's
+        # callback, which then failed again on every pass until the deadline.
+        (b"HTTP/1.0 200 OK\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n", "bad Content-Length"),
+        (b"HTTP/1.0 " + b"2" * 5000 + b" OK\r\n\r\n", "not HTTP"),
+    ],
+)
+def test_absurd_numbers_in_the_head_fail_at_once(head: bytes, text: str) -> None:
+    server = OneShotServer(head)
+    try:
+        # The head's own error, not "answer not complete within 5 s" at the deadline.
+        with pytest.raises(BodyError, match=text):
+            MeterClient(f"http://{LOOPBACK}:{server.port}", "17", PIN, timeout=5).fetch()
+    finally:
+        server.close()
