@@ -53,7 +53,7 @@ class MqttLink:
     paho runs on the bridge's asyncio loop as paho documents for external loops: its
     socket's readiness calls loop_read / loop_write, a timer calls loop_misc (keepalive),
     and every callback (a message, a connect) runs on the loop. Only the connect itself
-    (DNS, TCP, TLS handshake: all blocking inside paho) runs in the loop's executor; the
+    (DNS, TCP, TLS handshake: all blocking inside paho) runs on a daemon thread; the
     socket callbacks it fires there hop to the loop. Every method is for the loop's
     thread, so the link needs no lock.
     """
@@ -91,7 +91,7 @@ class MqttLink:
         self.connected = threading.Event()
         """Set while connected to the broker (other threads may wait on it)."""
         # The loop, its thread, paho's socket (and its fd: paho may close it before a
-        # callback from the executor reaches the loop), the task that keeps connecting.
+        # callback from the connect's thread reaches the loop), the task that keeps connecting.
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = 0
         self._sock: SocketLike | None = None
@@ -203,7 +203,7 @@ class MqttLink:
         while not self._stopped:
             self._down.clear()
             try:
-                # Blocking inside paho (lookup, TCP, TLS handshake): the executor's.
+                # Blocking inside paho (lookup, TCP, TLS handshake): a thread's.
                 await _in_daemon_thread(loop, self._client.reconnect)
             except (OSError, ssl.CertificateError, ValueError) as exc:
                 logger.debug("connect to %s failed: %s", self.broker, type(exc).__name__)
@@ -235,7 +235,7 @@ class MqttLink:
 
     def _on_loop(self, call: Callable[..., None], *args: object) -> None:
         """Run `call` on the loop: now if this is its thread, else as its next callback
-        (paho fires socket callbacks from the executor while it connects)."""
+        (paho fires socket callbacks from the connect's thread)."""
         if threading.get_ident() == self._thread:
             call(*args)
         elif self._loop is not None:
@@ -250,7 +250,7 @@ class MqttLink:
         if fd < 0:
             return  # closed again before this reached the loop
         if self._stopped:
-            # A reconnect() that was still running in the executor when close() came.
+            # A reconnect() that was still running on its thread when close() came.
             with contextlib.suppress(OSError):
                 sock.close()
             return

@@ -559,9 +559,9 @@ def run_loop(main: Coroutine[object, object, T]) -> T:
     """Run `main` on a new asyncio loop, as the bridge runs: the standard loop (uvloop
     measured no faster here, README "Performance"), and an executor for what blocks.
 
-    Lookups (meters' host names) and paho's blocking connect run in the executor; a few
-    threads are plenty, and none may hold up the exit (asyncio.run would wait for a connect
-    to a dead broker host)."""
+    Lookups of meters' host names run in the executor; a few threads are plenty. Its
+    shutdown does not wait for them (asyncio.run's would), though the interpreter still
+    joins a lookup in progress at exit."""
     loop = asyncio.new_event_loop()
     executor = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="bridge-io")
     loop.set_default_executor(executor)
