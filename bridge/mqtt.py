@@ -100,6 +100,7 @@ class MqttLink:
         self._write_queued = False  # _write_queued_packets is due
         self._down = asyncio.Event()
         self._keeper: asyncio.Task[None] | None = None
+        self._was_up = False  # the last connection got its CONNACK (the back-off restarts)
         self._misc: asyncio.TimerHandle | None = None
         self._published: dict[int, asyncio.Future[None]] = {}
 
@@ -178,12 +179,13 @@ class MqttLink:
                 await asyncio.wait_for(done, max(0.0, until - loop.time()))
             except TimeoutError:
                 taken = False
-        if self._fd >= 0 and not taken and self._sock is not None:
+        sock = self._sock
+        if self._fd >= 0 and not taken and sock is not None:
             # Not all acknowledged: no DISCONNECT, which would discard the last will; a
             # dropped connection makes the broker publish it (offline).
-            with contextlib.suppress(OSError):
-                self._sock.close()
             self._forget_socket()
+            with contextlib.suppress(OSError):
+                sock.close()
         if self._fd >= 0:
             self._down.clear()
             self._client.disconnect()  # written by the loop, then the socket closes
@@ -208,6 +210,8 @@ class MqttLink:
             except (OSError, ssl.CertificateError, ValueError) as exc:
                 logger.debug("connect to %s failed: %s", self.broker, type(exc).__name__)
                 self._problem(f"cannot reach MQTT broker {self.broker}; retrying")
+            except Exception:  # this task is the only one that reconnects: it must go on
+                logger.exception("unexpected error connecting to MQTT broker %s; retrying", self.broker)
             else:
                 await self._down.wait()  # until the connection is lost
                 if self._stopped:
@@ -217,8 +221,6 @@ class MqttLink:
             self._was_up = False
             await asyncio.sleep(delay)
             delay = min(delay * 2, _MAX_DELAY)
-
-    _was_up = False
 
     def _tick(self) -> None:
         """paho's keepalive and CONNACK timeout, once a second."""
