@@ -206,7 +206,7 @@ class MqttLink:
             self._down.clear()
             try:
                 # Blocking inside paho (lookup, TCP, TLS handshake): a thread's.
-                await _in_daemon_thread(loop, self._client.reconnect)
+                await _in_daemon_thread(loop, self._reconnect)
             except (OSError, ssl.CertificateError, ValueError) as exc:
                 logger.debug("connect to %s failed: %s", self.broker, type(exc).__name__)
                 self._problem(f"cannot reach MQTT broker {self.broker}; retrying")
@@ -221,6 +221,15 @@ class MqttLink:
             self._was_up = False
             await asyncio.sleep(delay)
             delay = min(delay * 2, _MAX_DELAY)
+
+    def _reconnect(self) -> None:
+        """On the connect's thread: paho's reconnect(). One that ends after close() (the
+        loop may be gone by then) closes its socket here: nobody else would."""
+        self._client.reconnect()
+        sock = self._client.socket()
+        if self._stopped and sock is not None:
+            with contextlib.suppress(OSError):
+                sock.close()
 
     def _tick(self) -> None:
         """paho's keepalive and CONNACK timeout, once a second."""

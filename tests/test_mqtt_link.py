@@ -70,6 +70,9 @@ class Loop:
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(BOUND)
+        # Closed, not left to the garbage collector: its ResourceWarning would then come
+        # at a random point of a later test (once deep inside the parser's recursion test).
+        self.loop.close()
 
 
 @pytest.fixture
