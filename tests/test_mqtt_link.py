@@ -59,15 +59,18 @@ class SilentBroker:
             conn.close()
 
 
-class Loop:
-    """An asyncio loop on a thread of its own, as the bridge runs one."""
+class Links:
+    """MqttLinks on one asyncio loop of their own, on a thread, as the bridge runs one."""
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
+        self.started: list[MqttLink] = []
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
 
     def close(self) -> None:
+        for link in self.started:
+            asyncio.run_coroutine_threadsafe(link.close([], timeout=0.5), self.loop).result(BOUND)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(BOUND)
         # Closed, not left to the garbage collector: its ResourceWarning would then come
@@ -76,21 +79,13 @@ class Loop:
 
 
 @pytest.fixture
-def links() -> Iterator[list[MqttLink]]:
-    started: list[MqttLink] = []
-    loop = Loop()
-    started_on[id(started)] = loop
+def links() -> Iterator[Links]:
+    started = Links()
     yield started
-    for link in started:
-        asyncio.run_coroutine_threadsafe(link.close([], timeout=0.5), loop.loop).result(BOUND)
-    loop.close()
-    del started_on[id(started)]
+    started.close()
 
 
-started_on: dict[int, Loop] = {}
-
-
-def start_link(links: list[MqttLink], host: str, port: int, **options: object) -> MqttLink:
+def start_link(links: Links, host: str, port: int, **options: object) -> MqttLink:
     link = MqttLink(
         MqttSettings(host=host, port=port, client_id=f"link-test-{port}"),
         host=host,
@@ -100,9 +95,8 @@ def start_link(links: list[MqttLink], host: str, port: int, **options: object) -
         on_message=lambda topic, payload, retain: None,
         **options,  # type: ignore[arg-type]  # each test passes MqttLink keywords it knows fit
     )
-    loop = started_on[id(links)].loop
-    loop.call_soon_threadsafe(link.start, loop)
-    links.append(link)
+    links.loop.call_soon_threadsafe(link.start, links.loop)
+    links.started.append(link)
     return link
 
 
@@ -111,7 +105,7 @@ def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 
 def test_a_broker_that_never_answers_connect_is_named_as_such(
-    links: list[MqttLink], caplog: pytest.LogCaptureFixture
+    links: Links, caplog: pytest.LogCaptureFixture
 ) -> None:
     server = SilentBroker()
     try:
@@ -125,7 +119,7 @@ def test_a_broker_that_never_answers_connect_is_named_as_such(
 
 
 def test_a_broker_silent_after_connack_is_a_keepalive_timeout(
-    links: list[MqttLink], caplog: pytest.LogCaptureFixture
+    links: Links, caplog: pytest.LogCaptureFixture
 ) -> None:
     server = SilentBroker(reply=bytes((0x20, 2, 0, 0)))  # CONNACK, accepted; then nothing
     try:
@@ -162,7 +156,7 @@ def _ipv6_loopback() -> bool:
 @pytest.mark.skipif(shutil.which("mosquitto") is None, reason="mosquitto not installed")
 @pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback")
 def test_an_ipv6_broker_is_logged_in_brackets(
-    tmp_path: Path, links: list[MqttLink], caplog: pytest.LogCaptureFixture
+    tmp_path: Path, links: Links, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="bridge.mqtt")
     broker = Mosquitto(tmp_path, host="::1").start()
