@@ -5,7 +5,8 @@
      ├── BrokerError           the embedded MQTT broker could not start
      ├── CommandError          a payload on a relay/set topic is not a command
      └── MeterError            one request to a meter failed (nothing is published from it)
-          ├── MeterUnreachable  connection refused, reset or timed out
+          ├── MeterUnreachable  connection refused, reset, or no host
+          │    └── MeterTimeout  no (complete) answer within the meter's `timeout`
           ├── MeterRateLimited  HTTP 429: asked sooner than the model allows
           ├── MeterAuthError    the meter refused the id/PIN
           ├── MeterHTTPError    any other non-200 answer
@@ -47,6 +48,10 @@ class MeterError(SmartmacError):
 
 class MeterUnreachable(MeterError):
     """No answer: check the meter's power, Wi-Fi and `host`."""
+
+
+class MeterTimeout(MeterUnreachable):
+    """The meter did not answer (completely) within its `timeout`: often weak Wi-Fi."""
 
 
 class MeterRateLimited(MeterError):

@@ -32,6 +32,7 @@ from .errors import (
     MeterError,
     MeterHTTPError,
     MeterRateLimited,
+    MeterTimeout,
     MeterUnreachable,
 )
 
@@ -342,7 +343,7 @@ class Exchange:
             text = f"no answer within {timeout}"
         else:
             text = f"answer not complete within {timeout}"
-        self._fail(MeterUnreachable(f"{self._client.label}: {text}"))
+        self._fail(MeterTimeout(f"{self._client.label}: {text}"))
 
     # -- internals ------------------------------------------------------------------------
 
