@@ -25,6 +25,7 @@ COMMAND_SLACK = 1.0
 SUPERSEDED = "superseded"
 STATE_UNKNOWN = "relay state not known yet; send ON or OFF"
 SHUTTING_DOWN = "bridge shutting down"
+NOT_CONFIRMED = "not confirmed by the meter within"
 
 
 class Action(StrEnum):
@@ -39,6 +40,38 @@ def result_ok(relay: Relay) -> bytes:
 
 def result_error(error: str) -> bytes:
     return json.dumps({"ok": False, "error": error}).encode()
+
+
+#: Every value of the `result` label of smartmac_commands_total.
+COMMAND_RESULTS = ("ok", "failed", "superseded", "rejected")
+
+
+def command_result(result: bytes) -> str:
+    """One of COMMAND_RESULTS: what became of a command, from its result payload.
+    rejected: refused on arrival (the parser, or a TOGGLE while the relay state is unknown);
+    failed: accepted but not confirmed in time, or the bridge stopped first."""
+    doc = json.loads(result)
+    if doc.get("ok"):
+        return "ok"
+    error = str(doc.get("error", ""))
+    if error == SUPERSEDED:
+        return "superseded"
+    if error == SHUTTING_DOWN or error.startswith(NOT_CONFIRMED):
+        return "failed"
+    return "rejected"
+
+
+def http_status(result: bytes) -> int:
+    """The HTTP status the API answers a command's result with (README "HTTP API"): 200 ok,
+    409 superseded (or a TOGGLE while the relay state is unknown: a conflict with the
+    meter's state, not a malformed request), 504 not confirmed in time, 503 shutting down.
+    A payload the parser refuses is answered 400 before it gets here."""
+    kind = command_result(result)
+    if kind == "ok":
+        return 200
+    if kind == "failed":
+        return 503 if json.loads(result).get("error") == SHUTTING_DOWN else 504
+    return 409
 
 
 _WORDS = {
@@ -85,6 +118,13 @@ class Command:
 
     target: Relay
     deadline: float
+    reply: object = None
+    """Whoever waits for this command's result besides MQTT (the HTTP API's future), or
+    None. Opaque here: it comes back in `replies` with the result."""
+
+
+#: A result for someone waiting on it: (the command's `reply`, the result payload).
+Reply = tuple[object, bytes]
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +135,8 @@ class Received:
     """To publish at once: "superseded" for the command it replaced, or its own refusal."""
     target: Relay | None
     """The state the relay is to go to; None if the command was refused."""
+    replies: tuple[Reply, ...] = ()
+    """Those of `results` whose command has a `reply`, paired with it."""
 
     @property
     def hurry(self) -> bool:
@@ -112,6 +154,8 @@ class Outcome:
     """No command waits any more: the caller tells the Scheduler (back to the cadence)."""
     expired: str | None = None
     """Why a command failed unconfirmed, for the caller's log ("relay command failed: ...")."""
+    replies: tuple[Reply, ...] = ()
+    """Those of `results` whose command has a `reply`, paired with it."""
 
 
 _NOTHING = Outcome()
@@ -145,23 +189,26 @@ class RelayCommands:
         """The target of the command the request in flight carries (before `end`)."""
         return self._sending.target if self._sending is not None else None
 
-    def receive(self, action: Action, now: float, reported: Relay | None) -> Received:
-        """A command arrives at `now`; `reported` is the relay as the last good read showed."""
+    def receive(self, action: Action, now: float, reported: Relay | None, reply: object = None) -> Received:
+        """A command arrives at `now`; `reported` is the relay as the last good read showed.
+        `reply`, if not None, comes back with the command's result (see Command.reply)."""
         previous = self._waiting
         if action is Action.TOGGLE:
             # Toggle the state the relay is heading for: a waiting command's target if there
             # is one, else what the meter last reported.
             base = previous.target if previous is not None else reported
             if base is None:
-                return Received((result_error(STATE_UNKNOWN),), None)
+                refused = result_error(STATE_UNKNOWN)
+                return Received((refused,), None, _replies((reply, refused)))
             target = base.inverse()
         else:
             target = Relay(action.value)
-        self._waiting = Command(target, now + self.window)
+        self._waiting = Command(target, now + self.window, reply)
         if previous is not None and previous is not self._sending:
             # Still waiting for its slot: the last command wins. (One already on its way is
             # judged by the meter's answer when the request ends.)
-            return Received((result_error(SUPERSEDED),), target)
+            superseded = result_error(SUPERSEDED)
+            return Received((superseded,), target, _replies((previous.reply, superseded)))
         return Received((), target)
 
     def begin(self, *, sent: bool = True) -> Relay | None:
@@ -204,6 +251,8 @@ class RelayCommands:
                 # without pout, and that read confirms the command or sends it again.
                 self._verify = True
             # else: not confirmed yet; it stays waiting and goes again at the next slot.
+        # At most one result above, and it is `sent`'s.
+        own = _replies((sent.reply, results[0])) if sent is not None and results else ()
         expired = self.expire(now, last_error, in_flight=False)
         if not results:
             return expired
@@ -211,6 +260,7 @@ class RelayCommands:
             (*results, *expired.results),
             settled=settled or expired.settled,
             expired=expired.expired,
+            replies=(*own, *expired.replies),
         )
 
     def expire(self, now: float, last_error: str | None, *, in_flight: bool) -> Outcome:
@@ -220,10 +270,11 @@ class RelayCommands:
         if command is None or in_flight or now < command.deadline:
             return _NOTHING
         self._waiting = None
-        reason = f"not confirmed by the meter within {self.window:g} s"
+        reason = f"{NOT_CONFIRMED} {self.window:g} s"
         if last_error:
             reason += f" (last error: {last_error})"
-        return Outcome((result_error(reason),), settled=True, expired=reason)
+        failed = result_error(reason)
+        return Outcome((failed,), settled=True, expired=reason, replies=_replies((command.reply, failed)))
 
     def deadline(self, *, in_flight: bool) -> float | None:
         """When `expire` must next look, or None.
@@ -233,10 +284,22 @@ class RelayCommands:
         command = self._waiting
         return None if command is None or in_flight else command.deadline
 
-    def shutdown(self) -> tuple[bytes, ...]:
+    def shutdown(self) -> Outcome:
         """The bridge stops: one "bridge shutting down" result per open command."""
-        # The waiting one and, if a different one is in flight, that one too (a set of
-        # identities: Command compares by identity).
-        open_commands = {self._waiting, self._sending} - {None}
+        # The waiting one and, if a different one is in flight, that one too (Command
+        # compares by identity).
+        open_commands = [c for c in (self._waiting, self._sending) if c is not None]
+        if len(open_commands) == 2 and open_commands[0] is open_commands[1]:
+            del open_commands[1]
         self._waiting = self._sending = None
-        return (result_error(SHUTTING_DOWN),) * len(open_commands)
+        stopping = result_error(SHUTTING_DOWN)
+        return Outcome(
+            (stopping,) * len(open_commands),
+            settled=bool(open_commands),
+            replies=_replies(*((c.reply, stopping) for c in open_commands)),
+        )
+
+
+def _replies(*pairs: Reply) -> tuple[Reply, ...]:
+    """The pairs whose command has someone waiting (a reply that is not None)."""
+    return tuple(pair for pair in pairs if pair[0] is not None)

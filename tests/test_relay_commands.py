@@ -229,7 +229,7 @@ def test_a_command_not_confirmed_in_time_fails_with_the_last_error_and_is_droppe
     assert commands.waiting is None and commands.deadline(in_flight=False) is None
     assert commands.begin() is None
     assert commands.end(Relay.ON, http_error=False, now=14.0, last_error=None) == Outcome()
-    assert commands.shutdown() == ()
+    assert commands.shutdown().results == ()
 
 
 @pytest.mark.parametrize(
@@ -306,9 +306,9 @@ def test_shutdown_answers_every_open_command_once(steps: list[str], count: int) 
             commands.end(Relay.ON, http_error=False, now=1.0, last_error=None)
         else:
             taken(commands, Action(step))
-    assert commands.shutdown() == (error("bridge shutting down"),) * count
+    assert commands.shutdown().results == (error("bridge shutting down"),) * count
     assert commands.waiting is None and commands.carried is None
-    assert commands.shutdown() == ()
+    assert commands.shutdown().results == ()
     assert commands.end(Relay.ON, http_error=False, now=2.0, last_error=None) == Outcome()
 
 
@@ -321,3 +321,67 @@ def test_an_inverted_relay_sends_and_confirms_through_the_pout_mapping(inverted:
     # The answer reports the pout it was sent: with the mapping, that is ON, confirmed.
     ended = commands.end(relay_from_pout(pout, inverted), http_error=False, now=1.0, last_error=None)
     assert ended.results == (ok(Relay.ON),)
+
+
+def test_a_reply_gets_its_own_commands_result_and_only_that() -> None:
+    commands = RelayCommands(EXTENDED)
+    assert commands.receive(Action.ON, 0.0, Relay.OFF, reply="a").replies == ()
+    # b supersedes a while a waits for its slot: a's reply gets "superseded", at once.
+    assert commands.receive(Action.OFF, 1.0, Relay.OFF, reply="b").replies == (("a", error("superseded")),)
+    assert commands.begin() is Relay.OFF
+    # c arrives while b is in flight; the meter confirms b: b's reply, not c's.
+    assert commands.receive(Action.ON, 2.0, Relay.OFF, reply="c").replies == ()
+    ended = commands.end(Relay.OFF, http_error=False, now=3.0, last_error=None)
+    assert ended.replies == (("b", ok(Relay.OFF)),)
+    # c expires unconfirmed; an MQTT command (no reply) then refused: no reply at all.
+    expired = commands.expire(2.0 + commands.window, None, in_flight=False)
+    assert expired.replies == (("c", expired.results[0]),)
+    assert commands.receive(Action.TOGGLE, 30.0, None).replies == ()
+
+
+def test_a_refused_toggle_and_a_shutdown_reach_their_replies() -> None:
+    commands = RelayCommands(EXTENDED)
+    refused = commands.receive(Action.TOGGLE, 0.0, None, reply="t")
+    unknown = error("relay state not known yet; send ON or OFF")
+    assert refused.target is None and refused.replies == (("t", unknown),)
+    commands.receive(Action.ON, 1.0, Relay.OFF, reply="a")
+    commands.begin()
+    commands.receive(Action.OFF, 2.0, Relay.OFF, reply="b")
+    stopping = error("bridge shutting down")
+    assert set(commands.shutdown().replies) == {("a", stopping), ("b", stopping)}
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_every_reply_gets_exactly_one_result_whatever_happens(seed: int) -> None:
+    import random
+
+    rng = random.Random(seed)
+    commands = RelayCommands(EXTENDED)
+    now, in_flight, sent = 0.0, False, 0
+    got: dict[int, list[bytes]] = {}
+
+    def collect(replies: tuple[tuple[object, bytes], ...]) -> None:
+        for reply, payload in replies:
+            assert isinstance(reply, int)
+            got.setdefault(reply, []).append(payload)
+
+    for _ in range(40):
+        now += rng.choice((0.1, 1.0, 7.0))
+        step = rng.choice(("command", "command", "begin", "end", "expire"))
+        if step == "command":
+            sent += 1
+            action = rng.choice((Action.ON, Action.OFF, Action.TOGGLE))
+            collect(commands.receive(action, now, rng.choice((Relay.ON, None)), reply=sent).replies)
+        elif step == "begin" and not in_flight:
+            commands.begin()
+            in_flight = True
+        elif step == "end" and in_flight:
+            reported = rng.choice((Relay.ON, Relay.OFF, None))
+            outcome = commands.end(reported, http_error=rng.random() < 0.3, now=now, last_error=None)
+            collect(outcome.replies)
+            in_flight = False
+        elif step == "expire":
+            collect(commands.expire(now, None, in_flight=in_flight).replies)
+    collect(commands.shutdown().replies)
+    assert sorted(got) == list(range(1, sent + 1))
+    assert all(len(results) == 1 for results in got.values()), got
