@@ -7,6 +7,7 @@ may be a PIN or a password.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -152,6 +153,48 @@ class EmbeddedBrokerSettings(_Model):
     port: int = Field(1883, ge=1, le=65535)
 
 
+class HttpSettings(_Model):
+    port: int | None = Field(None, ge=1, le=65535)
+    """None: no HTTP server. A port: the status page, /api, /metrics, /healthz, /readyz."""
+    host: str = "127.0.0.1"
+    """Address the HTTP server listens on. Not a loopback one: needs password or read_only."""
+    username: str | None = None
+    """With password: HTTP basic auth on everything but /healthz and /readyz. None with a
+    password: any user name is accepted."""
+    password: SecretStr | None = None
+    """Never logged, published or answered."""
+    read_only: bool = False
+    """True: no relay switching from the page or the API (403)."""
+    public_url: str | None = None
+    """The page's address as a browser elsewhere reaches it (e.g. behind a proxy): Home
+    Assistant's device page links to it (configuration_url). None: no link."""
+
+    @field_validator("public_url")
+    @classmethod
+    def _url(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc or refused_text(url):
+            raise ValueError("must be an http:// or https:// URL")
+        return url
+
+    @property
+    def loopback(self) -> bool:
+        """The server is reachable from this machine only."""
+        return is_loopback(self.host)
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost: not reachable from another machine."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
 class DeviceSettings(_Model):
     id: str
     """The meter's devid: digits only."""
@@ -284,10 +327,21 @@ class Settings(BaseSettings):
     embedded_broker: EmbeddedBrokerSettings = EmbeddedBrokerSettings()
     homeassistant: HomeAssistantSettings = HomeAssistantSettings()
     publish: PublishSettings = PublishSettings()
+    http: HttpSettings = HttpSettings()
     devices: tuple[DeviceSettings, ...] = ()
 
     @model_validator(mode="after")
     def _unique(self) -> Settings:
+        # Here, not on HttpSettings: an error there would be named "http", not the key.
+        http = self.http
+        if http.username is not None and http.password is None:
+            raise ValueError("http.password: http.username needs a password")
+        if not http.loopback and http.password is None and not http.read_only:
+            # Anyone who reaches the page could switch the relays.
+            raise ValueError(
+                "http.host: not a loopback address; set http.password (and http.username) "
+                "or http.read_only: true"
+            )
         for field, label in (("id", "id"), ("segment", "topic")):
             seen: dict[str, int] = {}
             for index, device in enumerate(self.devices):

@@ -296,3 +296,61 @@ def test_readme_config_block_is_valid(tmp_path: Path) -> None:
     assert settings.devices[0].poll_interval == 60 and settings.mqtt.host == "127.0.0.1"
     assert settings.homeassistant == HomeAssistantSettings()  # the defaults, as printed
     assert settings.publish == PublishSettings()
+
+
+def test_http_defaults_serve_nothing() -> None:
+    http = load_settings().http
+    assert (http.port, http.host, http.username, http.password, http.read_only) == (
+        None,
+        "127.0.0.1",
+        None,
+        None,
+        False,
+    )
+    assert http.loopback and http.public_url is None
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.1.2.3", "::1", "[::1]", "localhost"])
+def test_a_loopback_host_needs_no_password(tmp_path: Path, host: str) -> None:
+    settings = load_settings(write(tmp_path, f"http: {{port: 8099, host: '{host}'}}\n"))
+    assert settings.http.loopback
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "meter-bridge.example", ""])
+def test_a_host_others_reach_needs_a_password_or_read_only(tmp_path: Path, host: str) -> None:
+    with pytest.raises(ConfigError, match=r"http\.host: not a loopback address"):
+        load_settings(write(tmp_path, f"http: {{port: 8099, host: '{host}'}}\n"))
+    with_password = load_settings(write(tmp_path, f"http: {{host: '{host}', password: hunter2-x}}\n"))
+    assert with_password.http.password is not None
+    assert load_settings(write(tmp_path, f"http: {{host: '{host}', read_only: true}}\n")).http.read_only
+
+
+def test_http_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SMARTMAC_HTTP__PORT", "8123")
+    monkeypatch.setenv("SMARTMAC_HTTP__PASSWORD", "hunter2-x")
+    http = load_settings().http
+    assert http.port == 8123 and http.password is not None
+    assert http.password.get_secret_value() == "hunter2-x"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("http: {port: 0}", "http.port"),
+        ("http: {port: 70000}", "http.port"),
+        ("http: {username: admin}", "http.password: http.username needs a password"),
+        ("http: {public_url: 'ftp://x'}", "http.public_url: must be an http:// or https:// URL"),
+        ("http: {public_url: 'bridge.example'}", "http.public_url"),
+        ("http: {colour: red}", "http.colour: unknown key"),
+    ],
+)
+def test_bad_http_values_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_settings(write(tmp_path, text + "\n"))
+
+
+def test_the_http_password_is_never_echoed(tmp_path: Path) -> None:
+    text = "http: {host: 0.0.0.0, username: admin, password: [Sesame-77]}\n"
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, text))
+    assert "Sesame-77" not in str(caught.value) and "http.password" in str(caught.value)
