@@ -230,6 +230,8 @@ class Discovery:
     prefix: str
     base: str
     version: str
+    configuration_url: str | None = None
+    """The bridge's status page (http.public_url), linked from HA's device page."""
 
     @property
     def status_topic(self) -> str:
@@ -328,6 +330,7 @@ class Discovery:
                 "name": device.name,
                 "manufacturer": MANUFACTURER,
                 "model": model(keys, device.extended),
+                **({"configuration_url": self.configuration_url} if self.configuration_url else {}),
             },
             "origin": {"name": ORIGIN_NAME, "sw_version": self.version},
         }

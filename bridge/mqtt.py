@@ -90,6 +90,8 @@ class MqttLink:
         self._last_problem: str | None = None
         self.connected = threading.Event()
         """Set while connected to the broker (other threads may wait on it)."""
+        self.messages_sent = 0
+        """Messages handed to the broker's connection since start (smartmac_mqtt_messages_total)."""
         # The loop, its thread, paho's socket (and its fd: paho may close it before a
         # callback from the connect's thread reaches the loop), the task that keeps connecting.
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -365,6 +367,7 @@ class MqttLink:
 
     def _send_retained(self, messages: list[tuple[str, bytes]], *, cache: bool = True) -> None:
         """Connected: the messages, retained, at the link's QoS."""
+        self.messages_sent += len(messages)
         if self._raw is not None:
             self._raw.publish_retained(messages, cache=cache)
             return
@@ -392,6 +395,8 @@ class MqttLink:
         result = self._client.publish(topic, payload, qos=max(self._qos, 1), retain=False)
         if result.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             logger.debug("could not publish %s now (%s)", topic, result.rc)
+        else:
+            self.messages_sent += 1
 
     # -- paho callbacks (on the loop) -----------------------------------------------------
 

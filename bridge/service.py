@@ -13,9 +13,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import json
 import logging
+import os
 import threading
 import time
+from collections import Counter
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from functools import partial
@@ -24,8 +27,24 @@ from typing import TypeVar
 from . import __version__
 from .availability import Availability
 from .changes import ChangeFilter, state_fingerprint
-from .commands import SHUTTING_DOWN, Outcome, RelayCommands, parse_command, result_error
-from .config import DeviceSettings, HomeAssistantSettings, MqttSettings, PublishSettings, min_gap
+from .commands import (
+    SHUTTING_DOWN,
+    Outcome,
+    RelayCommands,
+    Reply,
+    command_result,
+    http_status,
+    parse_command,
+    result_error,
+)
+from .config import (
+    DeviceSettings,
+    HomeAssistantSettings,
+    HttpSettings,
+    MqttSettings,
+    PublishSettings,
+    min_gap,
+)
 from .counters import CounterGuard
 from .discovery import DeviceInfo, Discovery, Signature
 from .errors import BodyError, CommandError, MeterError, MeterHTTPError, MeterUnreachable
@@ -35,12 +54,14 @@ from .meter import Exchange, MeterClient
 from .mqtt import MqttLink
 from .readings import Snapshot, parse_body
 from .schedule import Scheduler
+from .status import Histogram, Rate, available, health_payload, request_result
 from .topics import (
     OFFLINE,
     ONLINE,
     MeterTopics,
     Relay,
     bridge_availability,
+    bridge_health,
     bridge_info,
     command_segment,
     command_subscription,
@@ -61,6 +82,8 @@ T = TypeVar("T")
 START_SPREAD = 0.005
 #: Seconds stop() waits for the loop to answer open commands and say offline.
 STOP_TIMEOUT = 4.0
+#: Seconds between two B/bridge/health messages.
+HEALTH_INTERVAL = 60.0
 
 
 @dataclass(slots=True, eq=False)
@@ -91,6 +114,10 @@ class Meter:
     """The (key, name, unit) set the discovery configs were last published for."""
     changes: ChangeFilter | None = None
     """publish.mode on_change: what was last sent per topic."""
+    last_read: float | None = None
+    """When the last good read ended (Unix seconds), for the API and the page."""
+    requests: Counter[str] = field(default_factory=Counter)
+    """Requests ended since start, by status.request_result."""
     ha: DeviceInfo = field(init=False)
     """The meter as discovery describes it."""
 
@@ -100,7 +127,13 @@ class Meter:
 
     @property
     def available(self) -> bool | None:
+        """As published on MQTT (None: not decided yet)."""
         return self.health.available
+
+    @property
+    def api_available(self) -> bool | None:
+        """As the API and the page show it: false after a first failure (status.available)."""
+        return available(self.health.available, self.health.failures)
 
 
 class Bridge:
@@ -119,6 +152,7 @@ class Bridge:
         port: int,
         homeassistant: HomeAssistantSettings | None = None,
         publish: PublishSettings | None = None,
+        http: HttpSettings | None = None,
     ) -> None:
         self.base = mqtt.base_topic
         homeassistant = homeassistant or HomeAssistantSettings()
@@ -134,8 +168,11 @@ class Bridge:
             self._meters[device.segment] = meter
         self._availability = bridge_availability(self.base)
         subscriptions = [command_subscription(self.base)]
+        # Home Assistant's device page links to the status page, where one is served.
+        page = http.public_url if http is not None and http.port is not None else None
+        discovery = Discovery(homeassistant.prefix, self.base, __version__, page)
         if homeassistant.discovery:
-            subscriptions.append(Discovery(homeassistant.prefix, self.base, __version__).status_topic)
+            subscriptions.append(discovery.status_topic)
         self.link = MqttLink(
             mqtt,
             host=host,
@@ -147,13 +184,14 @@ class Bridge:
         )
         self._ha = (
             HomeAssistant(
-                Discovery(homeassistant.prefix, self.base, __version__),
+                discovery,
                 self.link,
                 list(self._meters.values()),
             )
             if homeassistant.discovery
             else None
         )
+        self.health_topic = bridge_health(self.base)
         self.lags: list[float] | None = None
         """Set to a list to record, for every request, its start minus its planned time (s)."""
         self._schedule: Scheduler[str] = Scheduler()
@@ -169,6 +207,42 @@ class Bridge:
         self._stopping = False
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._main, name="bridge-loop", daemon=True)
+        # What the page, the API, the metrics and B/bridge/health read (see status.py).
+        self.started_at = time.monotonic()
+        self.beat = self.started_at
+        """When the loop last turned (monotonic): /healthz wants one within 10 s."""
+        self.durations = Histogram()
+        """How long requests took, from start to the answer's end."""
+        self.commands_total: Counter[str] = Counter()
+        """Command results published, by commands.command_result."""
+        self.polls_total = 0
+        self.polls = Rate()
+        self.messages = Rate()
+        self._tick_handle: asyncio.TimerHandle | None = None
+        self._health_at = self.started_at + HEALTH_INTERVAL
+
+    @property
+    def meters(self) -> list[Meter]:
+        """Every configured meter, in config order (read on the loop)."""
+        return list(self._meters.values())
+
+    def requests_total(self) -> Counter[str]:
+        """Requests ended since start, by result, over all meters."""
+        total: Counter[str] = Counter()
+        for meter in self._meters.values():
+            total.update(meter.requests)
+        return total
+
+    def health(self) -> dict[str, object]:
+        """What B/bridge/health says now."""
+        return health_payload(
+            uptime=time.monotonic() - self.started_at,
+            availabilities=(m.api_available for m in self._meters.values()),
+            polls_per_s=self.polls.per_second(),
+            requests=self.requests_total(),
+            mqtt_messages_per_s=self.messages.per_second(),
+            rss_mb=rss_mb(),
+        )
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -234,6 +308,9 @@ class Bridge:
             )
         self.link.start(loop)
         logger.info("bridge started with %d meter(s) under %s/", len(self._meters), self.base)
+        self.started_at = self.beat = now
+        self._health_at = now + HEALTH_INTERVAL
+        self._tick()
         self._turn()
         self._started.set()
         try:
@@ -247,19 +324,34 @@ class Bridge:
         self._stopping = True
         if self._wake is not None:
             self._wake.cancel()
+        if self._tick_handle is not None:
+            self._tick_handle.cancel()
         for meter in self._meters.values():
             if meter.exchange is not None:
                 meter.exchange.abort()  # nothing waits for a dead meter
             if meter.resolving is not None:
                 meter.resolving.cancel()
-            for result in meter.commands.shutdown():
-                self._events.append((meter.topics.relay_result, result))
+            self._settled(meter, meter.commands.shutdown())
         self._waiting.clear()
         self._flush()
         # The bridge's own first: it is what every Home Assistant entity depends on.
         final = [(self._availability, OFFLINE)]
         final += [(m.topics.availability, OFFLINE) for m in self._meters.values()]
         await self.link.close(final)
+
+    def _tick(self) -> None:
+        """Once a second: the heartbeat /healthz reads, the rates, B/bridge/health."""
+        now = self.beat = time.monotonic()
+        self.polls.sample(now, self.polls_total)
+        self.messages.sample(now, self.link.messages_sent)
+        if now >= self._health_at:
+            self._health_at = now + HEALTH_INTERVAL
+            try:
+                self.link.publish_event(self.health_topic, json.dumps(self.health()).encode())
+            except Exception:
+                logger.exception("cannot publish %s", self.health_topic)
+        assert self._loop is not None
+        self._tick_handle = self._loop.call_later(1.0, self._tick)
 
     # -- the schedule ---------------------------------------------------------------------
 
@@ -331,8 +423,16 @@ class Bridge:
             self._schedule.settle(segment)
         if outcome.expired is not None:
             logger.warning("%s: relay command failed: %s", meter.client.label, outcome.expired)
-        for result in outcome.results:
-            self._events.append((meter.topics.relay_result, result))
+        self._results(meter, outcome.results, outcome.replies)
+
+    def _results(self, meter: Meter, results: tuple[bytes, ...], replies: tuple[Reply, ...]) -> None:
+        """Command results: published on B/D/relay/result, counted, handed to who waits."""
+        topic = meter.topics.relay_result
+        for result in results:
+            self._events.append((topic, result))
+            self.commands_total[command_result(result)] += 1
+        for reply, result in replies:
+            _answer(reply, result)
 
     # -- one request --------------------------------------------------------------------
 
@@ -411,6 +511,11 @@ class Bridge:
         segment = meter.device.segment
         carried = meter.commands.carried is not None
         self._schedule.finished(segment, started, ended, command=carried)
+        meter.requests[request_result(error)] += 1
+        self.polls_total += 1
+        self.durations.observe(ended - started)
+        if snap is not None:
+            meter.last_read = time.time()
         try:
             if snap is not None:
                 self._out.extend(self._good_read(meter, snap))
@@ -533,26 +638,71 @@ class Bridge:
                 "ignored a retained command on %s: publish commands without the retain flag", topic
             )
             return
-        result = meter.topics.relay_result
+        self._accept(meter, payload, None)
+
+    async def command(self, segment: str, payload: bytes) -> tuple[int, bytes]:
+        """A relay command from the HTTP API, the same way as one from MQTT (its result is
+        published on B/D/relay/result too): (HTTP status, the result payload) once it has
+        one. See commands.http_status; 404 for a segment no meter has, 400 for a payload
+        the parser refuses. On the loop."""
+        meter = self._meters.get(segment)
+        if meter is None:
+            return 404, result_error("no meter has this topic")
+        reply: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        refused = self._accept(meter, payload, reply)
+        # Always answered: a command ends confirmed, superseded, expired or at shutdown
+        # (tests/test_relay_commands.py walks that at random); the timeout is a seatbelt.
+        try:
+            result = await asyncio.wait_for(reply, 2 * meter.commands.window + 30.0)
+        except TimeoutError:
+            logger.error("%s: a command from the API got no result", meter.client.label)
+            return 504, result_error("no result")
+        return (400 if refused else http_status(result)), result
+
+    def _accept(self, meter: Meter, payload: bytes, reply: asyncio.Future[bytes] | None) -> bool:
+        """A command for the meter's relay, from MQTT or (with `reply`) the API. True when
+        the parser refused it."""
+        topic = meter.topics.relay_result
         if self._stopping:
-            self.link.publish_event(result, result_error(SHUTTING_DOWN))
-            return
+            stopping = result_error(SHUTTING_DOWN)
+            self.commands_total[command_result(stopping)] += 1
+            self.link.publish_event(topic, stopping)
+            _answer(reply, stopping)
+            return False
         try:
             action = parse_command(payload)
         except CommandError as exc:
-            logger.info("rejected command on %s: %s", topic, exc)
-            self._events.append((result, result_error(str(exc))))
+            logger.info("rejected command for %s: %s", meter.client.label, exc)
+            self._results(meter, (result_error(str(exc)),), ())
+            _answer(reply, result_error(str(exc)))
             self._flush_soon()
-            return
+            return True
         now = time.monotonic()
-        received = meter.commands.receive(action, now, meter.relay)
-        self._events.extend((result, payload) for payload in received.results)
+        received = meter.commands.receive(action, now, meter.relay, reply)
+        self._results(meter, received.results, received.replies)
         if received.target is not None:
             self._waiting.add(meter.device.segment)
             self._schedule.hurry(meter.device.segment, now)
             logger.info("relay command %s for %s", received.target.value, meter.client.label)
             self._arm()
         self._flush_soon()
+        return False
+
+
+def _answer(reply: object, result: bytes) -> None:
+    """Hand a command's result to the API request waiting for it, if it still waits."""
+    if isinstance(reply, asyncio.Future) and not reply.done():
+        reply.set_result(result)
+
+
+def rss_mb() -> float | None:
+    """The process's resident memory (MB), from /proc; None where there is none."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            pages = int(statm.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE") / 1e6
 
 
 def run_loop(main: Coroutine[object, object, T]) -> T:

@@ -124,6 +124,11 @@ def bridge_info(base: str) -> str:
     return f"{base}/bridge/info"
 
 
+def bridge_health(base: str) -> str:
+    """Not retained, every minute (README "Topics")."""
+    return f"{base}/bridge/health"
+
+
 def command_subscription(base: str) -> str:
     """One wildcard subscription covers every meter's relay/set."""
     return f"{base}/+/relay/set"
