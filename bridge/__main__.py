@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from . import __version__
-from .config import DeviceSettings, Settings, load_settings
+from .config import DeviceSettings, HttpSettings, Settings, load_settings
 from .errors import ConfigError, MeterError, SmartmacError
 from .topics import refused_text
 
@@ -22,6 +22,8 @@ if TYPE_CHECKING:  # imported when used: `simulate` and `probe` need no MQTT sta
 logger = logging.getLogger("bridge")
 
 _COMMANDS = ("run", "simulate", "demo", "probe")
+#: Where `demo` serves the status page unless http.port says otherwise.
+DEMO_HTTP_PORT = 8099
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -114,6 +116,10 @@ def _demo(args: argparse.Namespace) -> int:
     from .simulator import SimMeter, Simulator
 
     settings = load_settings(args.config)
+    if settings.http.port is None:
+        settings = settings.model_copy(
+            update={"http": settings.http.model_copy(update={"port": DEMO_HTTP_PORT})}
+        )
     three = SimMeter(devid="1728053249", pin="012345", phases=3, extended=True)
     one = SimMeter(devid="1728053250", pin="246810", phases=1, extended=False)
     with Simulator([three, one]) as sim:
@@ -141,16 +147,23 @@ def _demo(args: argparse.Namespace) -> int:
             f"Watch:  mosquitto_sub -h {broker_host} -p {broker_port} -t '{base}/#' -v\n"
             f"Switch: mosquitto_pub -h {broker_host} -p {broker_port} "
             f"-t '{base}/demo3/relay/set' -m TOGGLE\n"
+            f"Status page: {_page_url(settings.http)}\n"
             "Stop with Ctrl-C.",
             flush=True,
         )
-        return serve(settings, devices)
+        return serve(settings, devices, page_optional=True)
 
 
 def _broker_address(settings: Settings) -> tuple[str, int]:
     if settings.mqtt.host is not None:
         return settings.mqtt.host, settings.mqtt.port
     return settings.embedded_broker.host, settings.embedded_broker.port
+
+
+def _page_url(http: HttpSettings) -> str:
+    from .mqtt import host_port
+
+    return f"http://{host_port(http.host, http.port or 0)}/"
 
 
 def build_bridge(settings: Settings, devices: Sequence[DeviceSettings], *, host: str, port: int) -> Bridge:
@@ -164,18 +177,22 @@ def build_bridge(settings: Settings, devices: Sequence[DeviceSettings], *, host:
         port=port,
         homeassistant=settings.homeassistant,
         publish=settings.publish,
+        http=settings.http,
     )
 
 
-def serve(settings: Settings, devices: Sequence[DeviceSettings]) -> int:
-    """Run the bridge (and the embedded broker if no broker is configured) until a signal."""
+def serve(settings: Settings, devices: Sequence[DeviceSettings], *, page_optional: bool = False) -> int:
+    """Run the bridge (and the embedded broker if no broker is configured, and the HTTP
+    server if http.port is set) until a signal. `page_optional`: a taken http.port is a
+    warning and the bridge runs without the page (the demo), not an error."""
     from .service import run_loop
 
-    return run_loop(_serve(settings, devices))
+    return run_loop(_serve(settings, devices, page_optional))
 
 
-async def _serve(settings: Settings, devices: Sequence[DeviceSettings]) -> int:
-    """On the loop: the embedded broker if wanted, the bridge, until SIGTERM or SIGINT."""
+async def _serve(settings: Settings, devices: Sequence[DeviceSettings], page_optional: bool) -> int:
+    """On the loop: the embedded broker if wanted, the bridge and its page, until SIGTERM
+    or SIGINT."""
     import asyncio
 
     loop = asyncio.get_running_loop()
@@ -192,8 +209,20 @@ async def _serve(settings: Settings, devices: Sequence[DeviceSettings]) -> int:
         broker = EmbeddedBroker(host, port)
         await broker.open()
         logger.info("no mqtt.host configured: using the embedded broker on %s", host_port(host, port))
+    web = None
     try:
         bridge = build_bridge(settings, devices, host=host, port=port)
+        if settings.http.port is not None:
+            from .web import WebServer
+
+            web = WebServer(bridge, settings.http)
+            try:
+                await web.start()  # before the bridge: a taken port stops nothing half-started
+            except SmartmacError as exc:
+                if not page_optional:
+                    raise
+                print(f"smartmac-bridge: {exc}: running without the status page", file=sys.stderr)
+                web = None
         running = loop.create_task(bridge.run())
         stopping = loop.create_task(stop.wait())
         await asyncio.wait((running, stopping), return_when=asyncio.FIRST_COMPLETED)
@@ -203,6 +232,8 @@ async def _serve(settings: Settings, devices: Sequence[DeviceSettings]) -> int:
         stopping.cancel()
         await running
     finally:
+        if web is not None:
+            await web.close()
         if broker is not None:
             await broker.aclose()
     return 0
