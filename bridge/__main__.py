@@ -272,6 +272,7 @@ async def _ask_all(devices: Sequence[DeviceSettings]) -> list[Answer]:
 
 async def _ask(device: DeviceSettings) -> Answer:
     """One request to one meter, its outcome as check.py reads it. Raises nothing."""
+    import asyncio
     import time
 
     from .check import Answer
@@ -286,7 +287,11 @@ async def _ask(device: DeviceSettings) -> Answer:
     named = client.address(start) is None  # a host name, not an IP address
     lookup = False
     if named:
-        error = await client.resolve(start)
+        # Bounded like the request: a resolver that hangs must not hold the whole table.
+        try:
+            error = await asyncio.wait_for(client.resolve(start), device.timeout)
+        except TimeoutError:
+            error = MeterTimeout(f"{client.label}: cannot resolve host within {device.timeout:g} s")
         lookup = error is not None
         if not lookup:
             start = time.monotonic()  # the answer time is the request's, not the lookup's
