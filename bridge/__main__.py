@@ -1,4 +1,4 @@
-"""CLI: `smartmac-bridge [run|simulate|demo|probe]`. The only place that exits the process."""
+"""CLI: `smartmac-bridge [run|simulate|demo|probe|check]`. The only place that exits the process."""
 
 from __future__ import annotations
 
@@ -13,17 +13,20 @@ from typing import TYPE_CHECKING
 
 from . import __version__
 from .config import DeviceSettings, HttpSettings, Settings, load_settings
-from .errors import ConfigError, MeterError, SmartmacError
+from .errors import ConfigError, MeterError, MeterTimeout, MeterUnreachable, SmartmacError
 from .topics import refused_text
 
 if TYPE_CHECKING:  # imported when used: `simulate` and `probe` need no MQTT stack
+    from .check import Answer
     from .service import Bridge
 
 logger = logging.getLogger("bridge")
 
-_COMMANDS = ("run", "simulate", "demo", "probe")
+_COMMANDS = ("run", "simulate", "demo", "probe", "check")
 #: Where `demo` serves the status page unless http.port says otherwise.
 DEMO_HTTP_PORT = 8099
+#: Addresses of one host name `check` tries before it reports the meter refused.
+_MAX_ADDRESSES = 4
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -96,14 +99,22 @@ def _parser() -> argparse.ArgumentParser:
     probe.add_argument("--timeout", type=float, default=5.0, help="seconds, default 5")
     probe.add_argument("--inverted", action="store_true", help="relay wired inverted (pout 0 = on)")
     probe.set_defaults(handler=_probe)
+
+    check = command("check", "Ask every configured meter once, all at once, and print a table.")
+    check.add_argument("--config", metavar="PATH", help="YAML file (default: $SMARTMAC_CONFIG)")
+    check.set_defaults(handler=_check)
     return parser
 
 
 def _run(args: argparse.Namespace) -> int:
-    settings = load_settings(args.config)
+    return serve(*_configured(args.config))
+
+
+def _configured(path: str | None) -> tuple[Settings, tuple[DeviceSettings, ...]]:
+    settings = load_settings(path)
     if not settings.devices:
         raise ConfigError("devices: no meters configured (see README.md, Configuration)")
-    return serve(settings, settings.devices)
+    return settings, tuple(settings.devices)
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -265,6 +276,91 @@ def _probe(args: argparse.Namespace) -> int:
     for key in snap.rejected:
         print(f"{key}: no numeric value (left out)")
     return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from .check import report, warning
+    from .service import run_loop
+
+    _, devices = _configured(args.config)
+    # Before asking: an installer may run this beside a bridge already polling the meters.
+    print(warning(len(devices)), file=sys.stderr, flush=True)
+    try:
+        answers = run_loop(_ask_all(devices))
+    except KeyboardInterrupt:
+        print("smartmac-bridge: check interrupted", file=sys.stderr)
+        return 1
+    print("\n".join(report(answers)))
+    return 0 if all(answer.ok for answer in answers) else 1
+
+
+async def _ask_all(devices: Sequence[DeviceSettings]) -> list[Answer]:
+    """One request to every meter, all at once on this loop (each with its own deadline)."""
+    import asyncio
+
+    return list(await asyncio.gather(*map(_ask, devices)))
+
+
+async def _ask(device: DeviceSettings) -> Answer:
+    """One request to one meter, its outcome as check.py reads it. Raises nothing."""
+    import asyncio
+    import time
+
+    from .check import Answer
+    from .meter import MeterClient
+    from .readings import Snapshot, parse_body
+
+    client = MeterClient(device.url, device.id, device.pin.get_secret_value(), timeout=device.timeout)
+    error: MeterError | None = None
+    snap: Snapshot | None = None
+    body = b""
+    start = time.monotonic()
+    named = client.address(start) is None  # a host name, not an IP address
+    lookup = False
+    if named:
+        # Bounded like the request: a resolver that hangs must not hold the whole table.
+        try:
+            error = await asyncio.wait_for(client.resolve(start), device.timeout)
+        except TimeoutError:
+            error = MeterTimeout(f"{client.label}: cannot resolve host within {device.timeout:g} s")
+        lookup = error is not None
+        if not lookup:
+            start = time.monotonic()  # the answer time is the request's, not the lookup's
+    tries = _MAX_ADDRESSES if named else 1
+    while error is None:
+        try:
+            body = await client.request()
+            break
+        except MeterError as exc:
+            error = exc
+        tries -= 1
+        # As the bridge would at its next poll: a name's next address (localhost gives ::1
+        # first, say, and an IPv4-only meter refuses it). Not after a timeout: the deadline
+        # is the whole request's. forget_address() after the last one leaves none.
+        if tries and isinstance(error, MeterUnreachable) and not isinstance(error, MeterTimeout):
+            client.forget_address()
+            if client.address(time.monotonic()) is not None:
+                error = None
+    ended = time.monotonic()
+    if error is None:
+        try:
+            snap = parse_body(body)
+        except MeterError as exc:  # BodyError
+            error = exc
+    logger.debug("%s: over in %.3f s", client.label, ended - start)
+    return Answer(
+        topic=device.segment,
+        devid=device.id,
+        host=device.host,
+        extended=device.extended,
+        seconds=ended - start,
+        snapshot=snap,
+        error=error,
+        # The label (host and devid, never the PIN) starts meter.py's texts: the row shows
+        # both already. The parser's own texts name no meter.
+        detail="" if error is None else str(error).removeprefix(client.label + ": "),
+        lookup=lookup,
+    )
 
 
 def _probe_pin(given: str | None) -> str:
