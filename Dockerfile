@@ -19,6 +19,12 @@ RUN pip install . \
 # simulator listens on an unprivileged port).
 USER 10001:10001
 
+# The status page, /api, /metrics and the health probes, when http.port is set to it (README
+# "Status page, HTTP API and metrics"). Inside a container the server must listen on all
+# addresses (http.host: 0.0.0.0) to be reached through a published port, which the config
+# allows only with http.password or http.read_only.
+EXPOSE 8099
+
 # Configuration: a mounted YAML file named by SMARTMAC_CONFIG (docker-compose.yml mounts
 # ./config.yaml at /config/config.yaml), and/or SMARTMAC_* variables, which win over it.
 ENTRYPOINT ["smartmac-bridge"]

@@ -38,6 +38,9 @@ def test_services_and_profiles() -> None:
     demo = SERVICES["demo-bridge"]["environment"]
     assert demo["SMARTMAC_MQTT__BASE_TOPIC"] != "smartmac"
     assert demo["SMARTMAC_MQTT__CLIENT_ID"] != "smartmac-bridge"
+    # Its status page is published on this host only, on the port the image exposes.
+    assert SERVICES["demo-bridge"]["ports"] == [f"127.0.0.1:{demo['SMARTMAC_HTTP__PORT']}:8099"]
+    assert "EXPOSE 8099" in (ROOT / "Dockerfile").read_text()
 
 
 def test_dockerfile_runs_as_non_root_from_a_slim_image() -> None:
@@ -57,6 +60,7 @@ def _demo_settings(monkeypatch: pytest.MonkeyPatch) -> tuple[DeviceSettings, ...
         monkeypatch.setenv(name, str(value))
     settings = load_settings()
     assert settings.mqtt.host == "mosquitto" and settings.mqtt.base_topic == "smartmac-demo"
+    assert settings.http.port == 8099 and settings.http.password is not None
     return settings.devices
 
 
