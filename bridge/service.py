@@ -648,6 +648,8 @@ class Bridge:
         meter = self._meters.get(segment)
         if meter is None:
             return 404, result_error("no meter has this topic")
+        if self._loop is None:  # the server starts first: a request may beat run()
+            return 503, result_error("bridge starting")
         reply: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         refused = self._accept(meter, payload, reply)
         # Always answered: a command ends confirmed, superseded, expired or at shutdown
