@@ -21,11 +21,13 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from . import __version__
 from .commands import result_error
 from .config import HttpSettings
 from .errors import SmartmacError
+from .metrics import exposition
 from .mqtt import host_port
 from .status import availability_word, meter_row
 
@@ -53,7 +55,7 @@ class WebServer:
         self.port = port if port is not None else settings.port
         self._runner: web.AppRunner | None = None
         self._page = resources.files(__package__).joinpath("page.html").read_bytes()
-        self._metrics: Callable[[], bytes] | None = None
+        self._metrics = exposition(bridge)
 
     @property
     def url(self) -> str:
@@ -61,9 +63,6 @@ class WebServer:
 
     async def start(self) -> None:
         """Listen; a taken port is a SmartmacError naming it (exit 1, like the broker's)."""
-        from .metrics import exposition
-
-        self._metrics = exposition(self._bridge)
         app = web.Application(middlewares=[self._guard], client_max_size=_MAX_BODY)
         app.add_routes(
             [
@@ -185,9 +184,6 @@ class WebServer:
         return web.Response(status=503, text=f"not connected to MQTT broker {self._bridge.link.broker}\n")
 
     async def _metrics_page(self, request: web.Request) -> web.Response:
-        assert self._metrics is not None
-        from prometheus_client import CONTENT_TYPE_LATEST
-
         return web.Response(body=self._metrics(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
