@@ -159,6 +159,9 @@ class WebServer:
                 "broker": bridge.link.broker,
                 "read_only": self._settings.read_only,
                 "uptime_s": round(time.monotonic() - bridge.started_at),
+                # The bridge's clock: the page's ages of last_read are not off by the
+                # browser's (a phone's clock may be minutes away).
+                "time": time.time(),
             }
         )
 
