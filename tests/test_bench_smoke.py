@@ -1,7 +1,8 @@
-"""A small run of the fleet benchmark (bench/fleet.py), so it cannot rot.
+"""Small runs of the fleet benchmark (bench/fleet.py) and the page benchmark (bench/page.py),
+so they cannot rot.
 
 A few meters for a few seconds, through the real command line: every figure is printed
-and no request broke a meter's rate limit. No figure is judged for speed here: the
+(and, for the fleet, no request broke a meter's rate limit). No figure is judged for speed here: the
 machine is shared, and the benchmark exists to print figures, not to pass or fail.
 With node and npm present it also runs the Node-RED row (`--peer node-red`).
 """
@@ -16,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from bench import nodered
+from bench import browser, nodered
 from bench.fleet import _LABELS
+from bench.page import _LABELS as page_labels
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Figures only the bridge has: its schedule lags and the relay commands (sent to it alone).
@@ -85,3 +87,27 @@ def test_fleet_benchmark_smoke_run() -> None:
         # Printed; n/a when a handful of polls cost less than one 10 ms clock tick.
         ratio = record["cpu_per_poll_ratio"]
         assert ratio is None or ratio >= 0
+
+
+@pytest.mark.skipif(browser.missing() is not None, reason=str(browser.missing()))
+def test_page_benchmark_smoke_run() -> None:
+    """bench/page.py on a handful of meters: every figure printed, the table the JSON's."""
+    command = [sys.executable, str(ROOT / "bench" / "page.py"), "--meters", "5", "--refreshes", "2"]
+    done = subprocess.run(command, check=False, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table, _, last = done.stdout.rstrip("\n").rpartition("\n")
+    figures = json.loads(last)
+    assert figures["rows"] == 5 and figures["refreshes"] == 2
+    assert (figures["filter_one_rows"], figures["filter_prefix_rows"], figures["filter_clear_rows"]) == (
+        1,
+        5,
+        5,
+    )
+    assert 0 < figures["first_list_ms"] <= figures["first_painted_ms"]
+    assert 0 <= figures["update_p50_ms"] <= figures["update_max_ms"]
+    assert figures["update_p50_ms"] <= figures["update_frame_p50_ms"]
+    lines = table.splitlines()
+    for key, label in page_labels:
+        line = next((line for line in lines if line.startswith(label + "  ")), None)
+        assert line is not None, label
+        assert line[len(label) :].strip() == str(figures[key]), (label, line)
