@@ -402,3 +402,28 @@ def test_a_label_from_a_real_body_with_escapes() -> None:
     )
     found = configs(DeviceInfo("5", "m", "M", False), parse_body(body).readings)
     assert found["homeassistant/sensor/smartmac_5/V1/config"]["name"] == "Volt 1"
+
+
+def test_configuration_url_links_the_status_page_only_where_one_is_configured() -> None:
+    from bridge.config import HttpSettings, MqttSettings
+    from bridge.service import Bridge
+
+    page = "https://bridge.example/meters/"
+    linked = Discovery("homeassistant", "smartmac", __version__, page)
+    device = DeviceInfo("1728053249", "1728053249", "Garage", True)
+    for payload in (p for _, p in linked.configs(device, readings_of(3, True))):
+        assert json_object(json.loads(payload)["device"])["configuration_url"] == page
+    plain = [
+        json_object(json.loads(p)["device"]) for _, p in DISCOVERY.configs(device, readings_of(1, False))
+    ]
+    assert plain and all("configuration_url" not in d for d in plain)
+
+    # The bridge links it when the page is served (http.port) and its address is known.
+    def discovery(**http: object) -> Discovery:
+        bridge = Bridge([], MqttSettings(), host="127.0.0.1", port=1, http=HttpSettings(**http))  # type: ignore[arg-type]
+        assert bridge._ha is not None
+        return bridge._ha.discovery
+
+    assert discovery(port=8099, public_url=page).configuration_url == page
+    assert discovery(public_url=page).configuration_url is None  # no server, no link
+    assert discovery(port=8099).configuration_url is None
