@@ -343,7 +343,8 @@ def http_figures(f: dict[str, Any], page: _http.PageClient, scraper: _http.Scrap
     f["metrics_kb"] = _kb(max((a.size for a in scrapes), default=None))
     cpu = page.cpu_seconds()
     f["page_client_cpu_pct"] = round(100 * cpu / elapsed, 1) if cpu is not None else None
-    f["page_render_ms"] = round(r, 1) if isinstance(page, _http.Browser) and (r := page.render_ms()) else None
+    render = page.render_ms() if isinstance(page, _http.Browser) else None
+    f["page_render_ms"] = round(render, 1) if render is not None else None
     f["http_errors"] = len(scraper.errors) + len(getattr(page, "errors", ()))
 
 
