@@ -17,6 +17,7 @@ so a scrape mostly formats the values.
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Final
@@ -32,10 +33,13 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from .commands import COMMAND_RESULTS
-from .status import RESULTS
+from .status import RESULTS, TURN_METERS
 
 if TYPE_CHECKING:
-    from .service import Bridge
+    from .service import Bridge, Meter
+
+#: A scrape's lines of the four per-meter families, in METER_FAMILIES' order.
+_Lines = tuple[list[str], list[str], list[str], list[str]]
 
 
 #: (name, type, help) of the per-meter families, in the order they are written.
@@ -78,13 +82,30 @@ class MeterFamilies:
         return prefixes
 
     def text(self) -> str:
-        up: list[str] = []
-        reading: list[str] = []
-        relay: list[str] = []
-        requests: list[str] = []
-        known, seen = self._reading, {}
+        """All of it at once (what a test or a benchmark wants)."""
+        lines: _Lines = ([], [], [], [])
+        seen: dict[tuple[str, str, str], str] = {}
+        self._write(self._bridge.meters, lines, seen)
+        return self._end(lines, seen)
+
+    async def text_in_turns(self, per_turn: int = TURN_METERS) -> str:
+        """The same text, `per_turn` meters per turn of the loop: the loop polls meters and
+        relays commands in between, where a scrape of 2,000 meters at once would hold it for
+        60-80 ms. Each meter's lines are from one moment; the scrape spans a few turns."""
+        meters = self._bridge.meters
+        lines: _Lines = ([], [], [], [])
+        seen: dict[tuple[str, str, str], str] = {}
+        for start in range(0, len(meters), per_turn):
+            if start:
+                await asyncio.sleep(0)
+            self._write(meters[start : start + per_turn], lines, seen)
+        return self._end(lines, seen)
+
+    def _write(self, meters: list[Meter], lines: _Lines, seen: dict[tuple[str, str, str], str]) -> None:
+        up, reading, relay, requests = lines
+        known = self._reading
         go = _go
-        for meter in self._bridge.meters:
+        for meter in meters:
             segment = meter.device.segment
             up_at, relay_at, requests_at = self._meter.get(segment) or self._prefixes(segment)
             available = meter.api_available
@@ -107,11 +128,13 @@ class MeterFamilies:
             counts = meter.requests
             for at, result in zip(requests_at, RESULTS, strict=True):
                 requests.append(f"{at}{go(counts[result])}\n")
+
+    def _end(self, lines: _Lines, seen: dict[tuple[str, str, str], str]) -> str:
         self._reading = seen
         out: list[str] = []
-        for (name, kind, doc), lines in zip(METER_FAMILIES, (up, reading, relay, requests), strict=True):
+        for (name, kind, doc), family in zip(METER_FAMILIES, lines, strict=True):
             out.append(f"# HELP {name} {doc}\n# TYPE {name} {kind}\n")
-            out.extend(lines)
+            out.extend(family)
         return "".join(out)
 
 
@@ -146,14 +169,29 @@ class BridgeCollector(Collector):
         )
 
 
-def exposition(bridge: Bridge) -> Callable[[], bytes]:
-    """A function that returns the text /metrics answers with: the per-meter families,
-    then the bridge-wide ones, then process_* (the order a single registry had them in)."""
-    meters = MeterFamilies(bridge)
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(BridgeCollector(bridge))
-    ProcessCollector(registry=registry)
-    return lambda: meters.text().encode() + generate_latest(registry)
+class Exposition:
+    """The text /metrics answers with: the per-meter families, then the bridge-wide ones,
+    then process_* (the order a single registry had them in)."""
+
+    def __init__(self, bridge: Bridge) -> None:
+        self._meters = MeterFamilies(bridge)
+        self._registry = CollectorRegistry(auto_describe=False)
+        self._registry.register(BridgeCollector(bridge))
+        ProcessCollector(registry=self._registry)
+
+    def __call__(self) -> bytes:
+        """All at once."""
+        return self._meters.text().encode() + generate_latest(self._registry)
+
+    async def in_turns(self) -> bytes:
+        """On the bridge's loop, a few hundred meters per turn (what the endpoint does)."""
+        text = await self._meters.text_in_turns()
+        return text.encode() + generate_latest(self._registry)
+
+
+def exposition(bridge: Bridge) -> Exposition:
+    """What /metrics answers with, for `bridge`."""
+    return Exposition(bridge)
 
 
 def _le(bound: float) -> str:

@@ -9,6 +9,7 @@ double quote, a newline and non-ASCII text.
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Iterator
 
@@ -108,6 +109,19 @@ def test_meter_families_are_generate_latests_text() -> None:
     plain.last = Snapshot(plain.device.id, 1, 0, plain.last.readings[1:])
     assert families.text() == generate_latest(registry).decode()
     assert all(label[1] != ODD_KEYS[0] or label[0] != "plain" for label in families._reading)
+
+
+def test_in_turns_is_the_same_text() -> None:
+    """What the endpoint serves, a few meters per turn of the loop, is the same text."""
+    bridge = bridge_with_state()
+    families = MeterFamilies(bridge)
+    assert asyncio.run(families.text_in_turns(per_turn=2)) == families.text()
+    page = exposition(bridge)
+    whole, in_turns = page(), asyncio.run(page.in_turns())
+    # (process_* figures move between the two: compare the smartmac_* lines)
+    assert [x for x in whole.splitlines() if x.startswith(b"smartmac")] == [
+        x for x in in_turns.splitlines() if x.startswith(b"smartmac")
+    ]
 
 
 def test_exposition_parses_and_keeps_every_family() -> None:
