@@ -3,7 +3,8 @@
     python bench/_bridge.py --config CONFIG --out RESULT.json
 
 Builds the bridge from the config file as `run` does (`build_bridge`; an external broker
-is required), sets ``bridge.lags = []`` (the bridge appends the start delay of every
+is required; with `http.port` set, also the HTTP server on the bridge's loop, as `run`
+serves it), sets ``bridge.lags = []`` (the bridge appends the start delay of every
 request it starts, in seconds), and runs until SIGTERM or SIGINT. SIGUSR1 marks the end
 of the warm-up: only lags recorded after it are written. Then writes JSON:
 ``{"lags": [...], "lags_before_mark": n, "threads": n}``.
@@ -12,12 +13,15 @@ of the warm-up: only lags recorded after it are written. Then writes JSON:
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import signal
 import sys
 import threading
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere
@@ -25,6 +29,17 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 
 from bridge.__main__ import build_bridge
 from bridge.config import load_settings
+from bridge.service import Bridge
+
+if TYPE_CHECKING:
+    from bridge.web import WebServer
+
+
+def on_loop(bridge: Bridge, work: Coroutine[object, object, None]) -> None:
+    """Run `work` on the (running) bridge's loop and wait for it; its error raises here."""
+    loop = bridge._loop  # set once start() returned; the bench reaches in, the bridge need not
+    assert loop is not None
+    asyncio.run_coroutine_threadsafe(work, loop).result(30)
 
 
 def main() -> int:
@@ -47,11 +62,21 @@ def main() -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGUSR1, lambda *_: mark.append(len(bridge.lags or ())))
     bridge.start()
+    web: WebServer | None = None
+    if settings.http.port is not None:
+        from bridge.web import WebServer  # (aiohttp only where served: the RSS figure)
+
+        # The HTTP server on the bridge's own loop, as `run` serves it (a taken port raises
+        # here, before the benchmark measures anything).
+        web = WebServer(bridge, settings.http)
+        on_loop(bridge, web.start())
     try:
         while not stop.wait(1.0):
             pass
         threads = threading.active_count()
     finally:
+        if web is not None:
+            on_loop(bridge, web.close())
         bridge.stop()
     lags = list(bridge.lags or ())
     start = mark[0] if mark else 0

@@ -17,7 +17,17 @@ one after the other on fresh processes). After
   its own command meter (interval 3600 s, so its slot is free; answer delay
   --command-delay ms), spread evenly over the measured window.
 
+With --http (issue 10) the bridge then runs a second time on fresh processes, with
+`http.port` set (row `bridge+http`): during its warm-up a headless chromium opens the
+status page (it refreshes itself every 2 s: GET api/bridge and api/meters), or, where
+chromium or selenium is missing (or with --http-client poller), a thread GETs the same two
+every 2 s; in the window a scraper GETs /metrics every 15 s. The row adds the answer times
+as the clients saw them (/api/meters and /metrics: median and max, to the last byte), the
+body sizes, the page client's CPU and the page's last render; the HTTP cost is the
+difference of the bridge's CPU between the two rows (`http_cpu_pct_delta`).
+
     python bench/fleet.py --meters 2000 --seconds 60
+    python bench/fleet.py --meters 2000 --seconds 60 --http
     python bench/fleet.py --meters 2000 --seconds 60 --peer node-red
     python bench/fleet.py --meters 2000 --seconds 60 --peer floor
 """
@@ -50,7 +60,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from bench import nodered
+from bench import _http, nodered
 from bench._simulator import fleet
 from bench.procstat import cpu_seconds, peak_rss_mb
 from bench.support import LOOPBACK, Mosquitto, free_port, percentile, wait_for_port
@@ -60,6 +70,8 @@ INTERVAL = 6.0  # extended meters, polled as often as they allow
 COMMAND_INTERVAL = 3600.0  # command meters: polled once at start, then only for commands
 MIN_WARMUP = 7.0  # the command meters' first poll must be more than 6 s old
 COMMAND_TIMEOUT = 20.0
+#: The bridge's rows: without, and (--http) with the HTTP server and its clients.
+BRIDGES = ("bridge", "bridge+http")
 
 
 def publish_supported() -> bool:
@@ -273,7 +285,9 @@ def _ms(values: list[float], pct: float) -> float | None:
     return round(percentile(values, pct) * 1000, 1) if values else None
 
 
-def bridge_config(tmp: Path, args: argparse.Namespace, broker_port: int, sim_port: int) -> Path:
+def bridge_config(
+    tmp: Path, args: argparse.Namespace, broker_port: int, sim_port: int, *, http_port: int | None = None
+) -> Path:
     main, fast = fleet(args.meters, args.commands, args.command_delay / 1000)
     host = f"{LOOPBACK}:{sim_port}"
     # Command meters first: the bridge spreads its first polls over up to one interval in
@@ -294,9 +308,48 @@ def bridge_config(tmp: Path, args: argparse.Namespace, broker_port: int, sim_por
     }  # fmt: skip
     if args.publish is not None:
         config["publish"] = {"mode": args.publish}
+    if http_port is not None:
+        config["http"] = {"port": http_port, "host": LOOPBACK}
     path = tmp / "bridge.yaml"
     path.write_text(json.dumps(config))  # JSON is YAML
     return path
+
+
+def start_page_client(args: argparse.Namespace, url: str, *, wait_until: float) -> _http.PageClient:
+    """The status page open in chromium, or the poller doing what it does (--http-client)."""
+    if args.http_client != "poller" and _http.browser_missing() is None:
+        # Every configured meter's row, the command meters' too, before the window opens.
+        timeout = max(60.0, wait_until - time.monotonic())
+        return _http.Browser(url, args.meters + args.commands, load_timeout=timeout)
+    return _http.Poller(url)
+
+
+def http_figures(f: dict[str, Any], page: _http.PageClient, scraper: _http.Scraper, elapsed: float) -> None:
+    """The --http row's own figures: what its clients saw in the window."""
+    answers = page.answers()
+    meters = sorted(a.seconds for a in answers if a.path == "/api/meters")
+    summary = sorted(a.seconds for a in answers if a.path == "/api/bridge")
+    scrapes = scraper.answers()
+    metrics = sorted(a.seconds for a in scrapes)
+    f["http_client"] = page.kind
+    f["api_meters_answers"] = len(meters)
+    f["api_meters_ms_p50"] = _ms(meters, 50)
+    f["api_meters_ms_max"] = _ms(meters, 100)
+    f["api_meters_kb"] = _kb(max((a.size for a in answers if a.path == "/api/meters"), default=None))
+    f["api_bridge_ms_p50"] = _ms(summary, 50)
+    f["metrics_scrapes"] = len(metrics)
+    f["metrics_ms_p50"] = _ms(metrics, 50)
+    f["metrics_ms_max"] = _ms(metrics, 100)
+    f["metrics_kb"] = _kb(max((a.size for a in scrapes), default=None))
+    cpu = page.cpu_seconds()
+    f["page_client_cpu_pct"] = round(100 * cpu / elapsed, 1) if cpu is not None else None
+    render = page.render_ms() if isinstance(page, _http.Browser) else None
+    f["page_render_ms"] = round(render, 1) if render is not None else None
+    f["http_errors"] = len(scraper.errors) + len(getattr(page, "errors", ()))
+
+
+def _kb(size: int | None) -> float | None:
+    return round(size / 1024, 1) if size is not None else None
 
 
 def run_peer(peer: str, args: argparse.Namespace, log: Callable[[str], None]) -> Row:
@@ -318,8 +371,9 @@ def run_peer(peer: str, args: argparse.Namespace, log: Callable[[str], None]) ->
 
         commander: Commander | None = None
         segments = [f"cmd{i:03d}" for i in range(args.commands)]
-        if peer == "bridge":
-            config = bridge_config(tmp, args, broker_port, sim_port)
+        http_port = free_port() if peer == "bridge+http" else None
+        if peer in BRIDGES:
+            config = bridge_config(tmp, args, broker_port, sim_port, http_port=http_port)
             out = tmp / "bridge-result.json"
             command = [
                 sys.executable,
@@ -360,18 +414,35 @@ def run_peer(peer: str, args: argparse.Namespace, log: Callable[[str], None]) ->
             target = Proc("node-red", red.process)
             expected = args.meters / args.nr_interval
         stack.enter_context(started(target))
+        warm_until = time.monotonic() + args.warmup
         log(f"{peer}: started; warming up {args.warmup:g} s")
 
-        time.sleep(args.warmup)  # measuring a window of time: nothing to wait on
+        page: _http.PageClient | None = None
+        url = f"http://{LOOPBACK}:{http_port}/"
+        if http_port is not None:
+            wait_for_port(http_port, timeout=60)  # the bridge builds 2,000 meters first
+            page = start_page_client(args, url, wait_until=warm_until)
+            stack.callback(page.stop)
+            log(f"{peer}: status page open in {page.kind}")
+        pause = warm_until - time.monotonic()
+        if pause > 0:
+            time.sleep(pause)  # measuring a window of time: nothing to wait on
+        else:
+            log(f"{peer}: the page client took {-pause:.1f} s longer than the warm-up")
         if target.popen.poll() is not None:
             raise RuntimeError(f"{peer} exited early; see {tmp}")
         stats_before = simulator_stats(sim_port)
         count_before = counter.count
         for proc in (target, simulator, mosquitto):
             proc.mark()
-        if peer == "bridge":
+        if peer in BRIDGES:
             target.popen.send_signal(signal.SIGUSR1)  # lags from here on
         started_at = time.monotonic()
+        scraper: _http.Scraper | None = None
+        if page is not None:
+            page.mark()
+            scraper = _http.Scraper(url + "metrics", started_at, _http.scrape_offsets(seconds))
+            stack.callback(scraper.stop)
         log(f"{peer}: measuring {seconds:g} s")
 
         if commander is not None and segments:
@@ -389,12 +460,17 @@ def run_peer(peer: str, args: argparse.Namespace, log: Callable[[str], None]) ->
         count_after = counter.count
         for proc in (target, simulator, mosquitto):
             proc.measure()
+        served: dict[str, Any] = {}  # (after the other figures in the row)
+        if page is not None and scraper is not None:
+            http_figures(served, page, scraper, elapsed)
         stats_after = simulator_stats(sim_port)
         if commander is not None:
             commander.wait_all(COMMAND_TIMEOUT)
         lags: list[float] | None = None
         threads = None
-        if peer == "bridge":
+        if peer in BRIDGES:
+            if page is not None:
+                page.stop()  # before the bridge: its page would only see it gone
             if target.stop() != 0:
                 raise RuntimeError(f"the bridge did not exit cleanly; see {tmp / 'bridge.log'}")
             result = json.loads(out.read_text())
@@ -433,6 +509,7 @@ def run_peer(peer: str, args: argparse.Namespace, log: Callable[[str], None]) ->
     f["mosquitto_rss_mb"] = round(mosquitto.rss_mb, 1)
     if threads is not None:
         f["bridge_threads"] = threads
+    f.update(served)
     if peer == "node-red":
         f["inject_interval_s"] = args.nr_interval
     if args.keep:
@@ -467,6 +544,23 @@ _LABELS = [
 ]
 
 
+#: The --http row's own figures, printed when it ran (n/a in the other columns).
+_HTTP_LABELS = [
+    ("api_meters_answers", "/api/meters answers"),
+    ("api_meters_ms_p50", "/api/meters ms p50"),
+    ("api_meters_ms_max", "/api/meters ms max"),
+    ("api_meters_kb", "/api/meters body KiB"),
+    ("api_bridge_ms_p50", "/api/bridge ms p50"),
+    ("metrics_scrapes", "/metrics scrapes"),
+    ("metrics_ms_p50", "/metrics ms p50"),
+    ("metrics_ms_max", "/metrics ms max"),
+    ("metrics_kb", "/metrics body KiB"),
+    ("page_client_cpu_pct", "page client CPU %"),
+    ("page_render_ms", "page render ms (last)"),
+    ("http_errors", "HTTP errors"),
+]
+
+
 #: The JSON key of the bridge's CPU per poll as a multiple of each peer's.
 _RATIOS = {"node-red": "cpu_per_poll_ratio", "floor": "cpu_per_poll_ratio_floor"}
 
@@ -478,7 +572,8 @@ def _cell(value: object) -> str:
 def render(rows: list[Row], args: argparse.Namespace, extra: dict[str, Any]) -> str:
     head = ["figure", *(row.peer for row in rows)]
     lines = [head]
-    for key, label in _LABELS:
+    labels = _LABELS + (_HTTP_LABELS if any("http_client" in row.figures for row in rows) else [])
+    for key, label in labels:
         lines.append([label, *(_cell(row.figures.get(key)) for row in rows)])
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     text = [
@@ -505,6 +600,11 @@ def render(rows: list[Row], args: argparse.Namespace, extra: dict[str, Any]) -> 
     for peer, key in _RATIOS.items():
         if key in extra:
             text.append(f"CPU per poll, bridge / {peer}: {_cell(extra[key])}")
+    if "http_cpu_pct_delta" in extra:
+        text.append(
+            f"HTTP cost, bridge+http - bridge: {_cell(extra['http_cpu_pct_delta'])} % of one core "
+            f"(page client: {extra['http_client']}; /metrics every {_http.SCRAPE_S:g} s)"
+        )
     return "\n".join(text)
 
 
@@ -544,6 +644,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="S",
         help="Node-RED inject interval (default 6.5: at 6 it breaks the rate limit)",
     )
+    parser.add_argument(
+        "--http",
+        action="store_true",
+        help="also run the bridge with http.port set, the status page open in a headless "
+        "chromium (refreshing every 2 s) and /metrics scraped every 15 s (row bridge+http)",
+    )
+    parser.add_argument(
+        "--http-client",
+        choices=["auto", "poller"],
+        default="auto",
+        help="with --http: chromium where it and selenium are present (auto), or a thread "
+        "GETting api/bridge and api/meters every 2 s as the page does (poller)",
+    )
     parser.add_argument("--commands", type=int, default=50, help="relay commands (default 50)")
     parser.add_argument(
         "--command-delay",
@@ -576,11 +689,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
     rows = [run_peer("bridge", args, log)]
+    if args.http:
+        rows.append(run_peer("bridge+http", args, log))
     for peer in dict.fromkeys(args.peer):  # in the order given, each once
         rows.append(run_peer(peer, args, log))
     extra: dict[str, Any] = {"publish": args.publish or "every_poll (default)"}
     mine = rows[0].figures["cpu_ms_per_poll"]
     for row in rows[1:]:
+        if row.peer in BRIDGES:
+            plain, served = rows[0].figures["cpu_pct"], row.figures["cpu_pct"]
+            extra["http_cpu_pct_delta"] = round(served - plain, 1)
+            extra["http_client"] = row.figures["http_client"]
+            continue
         theirs = row.figures["cpu_ms_per_poll"]
         # None (n/a) when the peer's CPU rounds to zero ticks, as in a few-second smoke run.
         ratio = round(mine / theirs, 2) if mine is not None and theirs else None

@@ -2,12 +2,15 @@
 
 aiohttp.web (what Home Assistant itself runs on) serves them on the same asyncio loop as
 the bridge, so every answer reads the bridge's state directly, without a lock or a copy:
-a handler runs between two of the loop's callbacks, never inside one. What the answers
-say is built in status.py (pure); the exposition format is metrics.py's.
+a handler runs between two of the loop's callbacks, never inside one. The two answers
+about every meter (/metrics, /api/meters) take a few hundred meters per turn of the loop,
+so polling goes on while they are written; each meter's part is from one moment. What
+the answers say is built in status.py (pure); the exposition format is metrics.py's.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import errno
@@ -29,10 +32,10 @@ from .config import HttpSettings
 from .errors import SmartmacError
 from .metrics import exposition
 from .mqtt import host_port
-from .status import availability_word, meter_row
+from .status import TURN_METERS, availability_word, meter_row
 
 if TYPE_CHECKING:
-    from .service import Bridge
+    from .service import Bridge, Meter
 
 logger = logging.getLogger(__name__)
 
@@ -127,21 +130,16 @@ class WebServer:
         )
 
     async def _meters(self, request: web.Request) -> web.Response:
-        rows = [
-            meter_row(
-                devid=m.device.id,
-                name=m.device.display_name,
-                topic=m.device.segment,
-                extended=m.device.extended,
-                available=m.api_available,
-                relay=m.relay.value if m.relay is not None else None,
-                last=m.last,
-                last_read=m.last_read,
-                last_error=m.health.last_error,
-            )
-            for m in self._bridge.meters
-        ]
-        return _json(rows)
+        # TURN_METERS rows built and written per turn of the loop (at 2,000 meters the whole
+        # answer is ~23 ms of CPU, 60 % of it json.dumps), so the loop polls in between.
+        meters = self._bridge.meters
+        parts: list[bytes] = []
+        for start in range(0, len(meters), TURN_METERS):
+            if start:
+                await asyncio.sleep(0)
+            rows = [_row(m) for m in meters[start : start + TURN_METERS]]
+            parts.append(json.dumps(rows, separators=(",", ":")).encode()[1:-1])  # without [ ]
+        return web.Response(body=b"[" + b",".join(parts) + b"]", content_type=_JSON)
 
     async def _summary(self, request: web.Request) -> web.Response:
         """What the page's summary line says (not part of the contract in README)."""
@@ -187,7 +185,22 @@ class WebServer:
         return web.Response(status=503, text=f"not connected to MQTT broker {self._bridge.link.broker}\n")
 
     async def _metrics_page(self, request: web.Request) -> web.Response:
-        return web.Response(body=self._metrics(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        body = await self._metrics.in_turns()  # the loop polls between its turns
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def _row(m: Meter) -> dict[str, object]:
+    return meter_row(
+        devid=m.device.id,
+        name=m.device.display_name,
+        topic=m.device.segment,
+        extended=m.device.extended,
+        available=m.api_available,
+        relay=m.relay.value if m.relay is not None else None,
+        last=m.last,
+        last_read=m.last_read,
+        last_error=m.health.last_error,
+    )
 
 
 def _json(value: object, status: int = 200) -> web.Response:

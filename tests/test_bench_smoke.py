@@ -4,7 +4,9 @@ so they cannot rot.
 A few meters for a few seconds, through the real command line: every figure is printed
 (and, for the fleet, no request broke a meter's rate limit). No figure is judged for speed here: the
 machine is shared, and the benchmark exists to print figures, not to pass or fail.
-With node and npm present it also runs the Node-RED row (`--peer node-red`).
+With node and npm present it also runs the Node-RED row (`--peer node-red`). With --http
+(issue 10): the second bridge row, its page client (chromium where present, and the poller)
+and its scrapes.
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from bench import browser, nodered
-from bench.fleet import _LABELS
+from bench import _http, browser, nodered
+from bench.fleet import _HTTP_LABELS, _LABELS
 from bench.page import _LABELS as page_labels
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,19 +31,30 @@ NOT_FOR_PEERS = {"lag_p50_ms", "lag_p99_ms", "lag_max_ms", "relay_p50_ms", "rela
 pytestmark = pytest.mark.skipif(shutil.which("mosquitto") is None, reason="mosquitto is not on PATH")
 
 
-def test_fleet_benchmark_smoke_run() -> None:
-    with_node_red = nodered.missing_tools() is None
+def run_fleet(*options: str) -> tuple[str, dict[str, Any]]:
+    """A few meters for a few seconds: the printed table and the JSON record."""
     command = [
         sys.executable, str(ROOT / "bench" / "fleet.py"), "--meters", "5", "--seconds", "6.5",
-        "--warmup", "7", "--commands", "3", "--peer", "floor",
+        "--warmup", "7", "--commands", "3", *options,
     ]  # fmt: skip
-    if with_node_red:
-        command += ["--peer", "node-red"]
     done = subprocess.run(command, check=False, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     table, _, last = done.stdout.rstrip("\n").rpartition("\n")
+    record: dict[str, Any] = json.loads(last)
+    return table, record
+
+
+def table_cells(table: str, label: str) -> list[str]:
+    """The cells of the table's line for `label`, one per column."""
+    line = next((line for line in table.splitlines() if line.startswith(label + " ")), None)
+    assert line is not None, label
+    return line[len(label) :].split()
+
+
+def test_fleet_benchmark_smoke_run() -> None:
+    with_node_red = nodered.missing_tools() is None
+    table, record = run_fleet("--peer", "floor", *(["--peer", "node-red"] if with_node_red else []))
     assert "CPU per poll, bridge / floor:" in table
-    record = json.loads(last)
     rows = record["rows"]
     assert set(rows) == ({"bridge", "floor", "node-red"} if with_node_red else {"bridge", "floor"})
     # The printed table: one column per peer, each cell the JSON figure, and every cell a
@@ -111,3 +125,35 @@ def test_page_benchmark_smoke_run() -> None:
         line = next((line for line in lines if line.startswith(label + "  ")), None)
         assert line is not None, label
         assert line[len(label) :].strip() == str(figures[key]), (label, line)
+
+
+@pytest.mark.parametrize("client", ["auto", "poller"])
+def test_fleet_benchmark_http_smoke_run(client: str) -> None:
+    """--http: a second bridge row with the page open and /metrics scraped; its figures
+    printed in the table (n/a in the plain bridge's column) and in the JSON line."""
+    table, record = run_fleet("--http", "--http-client", client)
+    rows = record["rows"]
+    assert list(rows) == ["bridge", "bridge+http"]
+    served = rows["bridge+http"]
+    kind = "chromium" if client == "auto" and _http.browser_missing() is None else "poller"
+    assert served["http_client"] == record["http_client"] == kind
+    assert f"(page client: {kind};" in table
+    assert isinstance(record["http_cpu_pct_delta"], float)
+    for key, label in [*_LABELS, *_HTTP_LABELS]:
+        cells = table_cells(table, label)
+        assert len(cells) == 2, (label, cells)
+        for peer, cell in zip(rows, cells, strict=True):
+            value = rows[peer].get(key)
+            assert cell == ("n/a" if value is None else str(value)), (peer, label, cell, value)
+    assert all(key not in rows["bridge"] for key, _ in _HTTP_LABELS), rows["bridge"]
+    # The page refreshes every 2 s: about 3 answers in 6.5 s; one scrape in a short window.
+    assert served["api_meters_answers"] >= 2 and served["metrics_scrapes"] == 1, served
+    assert served["http_errors"] == 0, served
+    assert 0 < served["api_meters_ms_p50"] <= served["api_meters_ms_max"], served
+    assert 0 < served["metrics_ms_p50"] <= served["metrics_ms_max"], served
+    assert served["api_meters_kb"] > 0 and served["metrics_kb"] > served["api_meters_kb"], served
+    if kind == "chromium":
+        assert served["page_client_cpu_pct"] >= 0 and served["page_render_ms"] is not None, served
+    else:
+        assert served["page_client_cpu_pct"] is None and served["page_render_ms"] is None, served
+    assert served["violations_429"] == 0 and served["relay_confirmed"] == 3, served
