@@ -640,18 +640,19 @@ class Bridge:
             return
         self._accept(meter, payload, None)
 
-    async def command(self, segment: str, payload: bytes) -> tuple[int, bytes]:
+    async def command(self, segment: str, payload: bytes, *, refused: str | None = None) -> tuple[int, bytes]:
         """A relay command from the HTTP API, the same way as one from MQTT (its result is
         published on B/D/relay/result too): (HTTP status, the result payload) once it has
         one. See commands.http_status; 404 for a segment no meter has, 400 for a payload
-        the parser refuses. On the loop."""
+        the parser refuses, or for `refused`: why a body the server did not read (too long)
+        is refused, handled as the parser's refusal. On the loop."""
         meter = self._meters.get(segment)
         if meter is None:
             return 404, result_error("no meter has this topic")
         if self._loop is None:  # the server starts first: a request may beat run()
             return 503, result_error("bridge starting")
         reply: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        refused = self._accept(meter, payload, reply)
+        refused_now = self._accept(meter, payload, reply, refused)
         # Always answered: a command ends confirmed, superseded, expired or at shutdown
         # (tests/test_relay_commands.py walks that at random); the timeout is a seatbelt.
         try:
@@ -659,11 +660,13 @@ class Bridge:
         except TimeoutError:
             logger.error("%s: a command from the API got no result", meter.client.label)
             return 504, result_error("no result")
-        return (400 if refused else http_status(result)), result
+        return (400 if refused_now else http_status(result)), result
 
-    def _accept(self, meter: Meter, payload: bytes, reply: asyncio.Future[bytes] | None) -> bool:
+    def _accept(
+        self, meter: Meter, payload: bytes, reply: asyncio.Future[bytes] | None, refused: str | None = None
+    ) -> bool:
         """A command for the meter's relay, from MQTT or (with `reply`) the API. True when
-        the parser refused it."""
+        the parser refused it (or `refused` said why, see command)."""
         topic = meter.topics.relay_result
         if self._stopping:
             stopping = result_error(SHUTTING_DOWN)
@@ -672,6 +675,8 @@ class Bridge:
             _answer(reply, stopping)
             return False
         try:
+            if refused is not None:
+                raise CommandError(refused)
             action = parse_command(payload)
         except CommandError as exc:
             logger.info("rejected command for %s: %s", meter.client.label, exc)

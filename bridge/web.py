@@ -27,7 +27,6 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from . import __version__
-from .commands import result_error
 from .config import HttpSettings
 from .errors import SmartmacError
 from .metrics import exposition
@@ -166,11 +165,17 @@ class WebServer:
     async def _relay(self, request: web.Request) -> web.Response:
         if self._settings.read_only:
             return _json({"ok": False, "error": "read only: http.read_only is set"}, status=403)
+        topic = request.match_info["topic"]
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
-            return _json(json.loads(result_error("payload too long")), status=400)
-        status, result = await self._bridge.command(request.match_info["topic"], body)
+            # Refused like any body the parser refuses: published on B/D/relay/result and
+            # counted, as the same payload on MQTT would be (only its bytes are not read).
+            size = request.content_length
+            reason = "payload too long" + (f" ({size} bytes)" if size is not None else "")
+            status, result = await self._bridge.command(topic, b"", refused=reason)
+        else:
+            status, result = await self._bridge.command(topic, body)
         return web.Response(body=result, status=status, content_type=_JSON)
 
     async def _healthz(self, request: web.Request) -> web.Response:

@@ -176,6 +176,10 @@ def test_relay_commands_over_http_go_the_mqtt_way(rig: Rig, serve: Serve) -> Non
     garbage = post(url, "m", "FLIP")
     assert garbage.status_code == 400 and "unknown command" in garbage.json()["error"]
     assert json.loads(probe.wait_for("smartmac/m/relay/result", after=mark).payload) == garbage.json()
+    mark = probe.mark()
+    too_long = post(url, "m", "ON" + " " * 2000)  # beyond what the server reads (1 KiB)
+    assert too_long.status_code == 400 and too_long.json()["error"].startswith("payload too long")
+    assert json.loads(probe.wait_for("smartmac/m/relay/result", after=mark).payload) == too_long.json()
     assert post(url, "nobody", "ON").status_code == 404
     assert post(url, "m", "ON", headers={"Origin": "http://evil.example"}).status_code == 403
     assert meter.pout == 1
@@ -203,7 +207,7 @@ def test_relay_commands_over_http_go_the_mqtt_way(rig: Rig, serve: Serve) -> Non
     assert {r: m["smartmac_commands_total", (("result", r),)] for r in ("ok", "superseded", "rejected")} == {
         "ok": 2,
         "superseded": 1,
-        "rejected": 1,
+        "rejected": 2,
     }
 
 
