@@ -27,10 +27,9 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
+from bench import browser
 from bench.procstat import cpu_seconds
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
 #: The page's refresh (bridge/page.html's REFRESH_MS).
 REFRESH_S = 2.0
 #: A Prometheus-style scrape interval.
@@ -48,14 +47,7 @@ class Answer:
 
 def browser_missing() -> str | None:
     """Why the real browser cannot be used here, or None."""
-    for tool in (CHROMIUM, CHROMEDRIVER):
-        if not os.access(tool, os.X_OK):
-            return f"{tool} is missing"
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
-        return "selenium is not installed"
-    return None
+    return browser.missing()
 
 
 class PageClient(Protocol):
@@ -107,16 +99,7 @@ class Browser:
     kind = "chromium"
 
     def __init__(self, url: str, meters: int, *, load_timeout: float = 120.0) -> None:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-
-        options = webdriver.ChromeOptions()
-        options.binary_location = CHROMIUM
-        for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
-            options.add_argument(flag)
-        options.add_argument("--window-size=1280,1000")
-        # The driver named, so selenium-manager does not look for one on the network.
-        self._driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+        self._driver = browser.chromium(1280, 1000)
         self._root = self._driver.service.process.pid
         self._cpu_mark = 0.0
         self._stopped = False
