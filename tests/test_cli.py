@@ -115,7 +115,9 @@ def test_embedded_port_taken_is_a_clear_error(tmp_path: Path, processes: list[Pr
 
 def test_demo_runs_on_embedded_defaults(tmp_path: Path, processes: list[Process]) -> None:
     port = free_port()
-    demo = Process(tmp_path, "demo", env={"SMARTMAC_EMBEDDED_BROKER__PORT": str(port)})
+    # Its page on a free port too: 8099 may be taken by a demo someone is running.
+    env = {"SMARTMAC_EMBEDDED_BROKER__PORT": str(port), "SMARTMAC_HTTP__PORT": str(free_port())}
+    demo = Process(tmp_path, "demo", env=env)
     processes.append(demo)
     wait_for_port(port)
     probe = Probe(port, "smartmac/#").start()
