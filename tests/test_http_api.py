@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,12 +21,12 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 from support import Probe, Process, Rig, device, write_config
 
-from bench.support import LOOPBACK, free_port, wait_for_port
+from bench.support import LOOPBACK, free_port, wait_for_port, wait_until
 from bridge import service
 from bridge.broker import EmbeddedBroker
 from bridge.config import HttpSettings, MqttSettings
 from bridge.service import Bridge
-from bridge.simulator import SimMeter
+from bridge.simulator import SimMeter, Simulator
 from bridge.web import WebServer
 
 # One broker is enough here: the MQTT side is tested against both in test_e2e.py.
@@ -52,19 +53,6 @@ def serve() -> Iterator[Serve]:
     for server, loop in servers:
         if loop.is_running():
             asyncio.run_coroutine_threadsafe(server.close(), loop).result(10)
-
-
-def eventually(check: Callable[[], object], timeout: float = 15.0) -> None:
-    """Retry `check` (an assertion) until it passes or `timeout` ends."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            check()
-            return
-        except AssertionError:
-            if time.monotonic() > deadline:
-                raise
-        time.sleep(0.05)
 
 
 def metrics(url: str, **kwargs: Any) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -111,19 +99,29 @@ def test_meters_and_metrics_say_what_mqtt_and_the_simulator_say(rig: Rig, serve:
     assert row["energy"] == sum(row["readings"][f"Wh{n}"] for n in (1, 2, 3))
 
     # The wrong PIN: false once its first request ended, with the error in words, no PIN.
-    eventually(lambda: _assert(meters(url)["wrong"]["available"] is False))
+    wait_until(lambda: meters(url)["wrong"]["available"] is False, 15, "the wrong PIN's meter unavailable")
     wrong_row = meters(url)["wrong"]
     assert "403" in wrong_row["last_error"] and wrong_row["readings"] == {} and wrong_row["relay"] is None
     assert wrong_row["power"] is None and wrong_row["last_read"] is None
 
-    def counted() -> None:
-        m = metrics(url)
-        assert m["smartmac_requests_total", (("meter", "good"), ("result", "ok"))] == good.ok
-        assert m["smartmac_requests_total", (("meter", "wrong"), ("result", "bad_pin"))] == wrong.bad_pin
-        total = sum(v for (name, _), v in m.items() if name == "smartmac_requests_total")
-        assert m["smartmac_request_duration_seconds_count", ()] == total == good.ok + wrong.bad_pin
+    # What the simulator counted and what the bridge counted agree once no request is in
+    # flight; the snapshot that agreed is the one checked.
+    seen: list[dict[tuple[str, tuple[tuple[str, str], ...]], float]] = []
 
-    eventually(counted)
+    def settled() -> bool:
+        seen[:] = [metrics(url)]
+        m = seen[0]
+        return (
+            m["smartmac_requests_total", (("meter", "good"), ("result", "ok"))] == good.ok
+            and m["smartmac_requests_total", (("meter", "wrong"), ("result", "bad_pin"))] == wrong.bad_pin
+        )
+
+    wait_until(settled, 15, "the bridge's request counts equal the simulator's")
+    m = seen[0]
+    assert m["smartmac_requests_total", (("meter", "good"), ("result", "ok"))] == good.ok
+    assert m["smartmac_requests_total", (("meter", "wrong"), ("result", "bad_pin"))] == wrong.bad_pin
+    total = sum(v for (name, _), v in m.items() if name == "smartmac_requests_total")
+    assert m["smartmac_request_duration_seconds_count", ()] == total == good.ok + wrong.bad_pin
     m = metrics(url)
     assert m["smartmac_meter_up", (("meter", "good"),)] == 1
     assert m["smartmac_meter_up", (("meter", "wrong"),)] == 0
@@ -147,8 +145,16 @@ def test_meters_and_metrics_say_what_mqtt_and_the_simulator_say(rig: Rig, serve:
     )
 
 
-def _assert(condition: bool) -> None:
-    assert condition
+def one_meter(
+    rig: Rig, serve: Serve, devid: str, **options: object
+) -> tuple[SimMeter, Simulator, Probe, Bridge, str]:
+    """An extended simulated meter on topic `m`, a probe on smartmac/#, the bridge polling it
+    and its server's URL."""
+    meter = SimMeter(devid=devid, pin=PIN, extended=True)
+    sim = rig.simulator([meter])
+    probe = rig.probe("smartmac/#")
+    bridge = rig.bridge([device(sim, meter, topic="m", **options)])
+    return meter, sim, probe, bridge, serve(bridge)
 
 
 def post(url: str, topic: str, body: bytes | str, **kwargs: Any) -> requests.Response:
@@ -157,11 +163,7 @@ def post(url: str, topic: str, body: bytes | str, **kwargs: Any) -> requests.Res
 
 @amqtt
 def test_relay_commands_over_http_go_the_mqtt_way(rig: Rig, serve: Serve) -> None:
-    meter = SimMeter(devid="1728053311", pin=PIN, extended=True)
-    sim = rig.simulator([meter])
-    probe = rig.probe("smartmac/#")
-    bridge = rig.bridge([device(sim, meter, topic="m")])
-    url = serve(bridge)
+    meter, _, probe, bridge, url = one_meter(rig, serve, "1728053311")
     probe.wait_for("smartmac/m/relay", lambda m: m.payload == b"OFF")
 
     mark = probe.mark()
@@ -188,7 +190,7 @@ def test_relay_commands_over_http_go_the_mqtt_way(rig: Rig, serve: Serve) -> Non
     answers: list[requests.Response] = []
     first = threading.Thread(target=lambda: answers.append(post(url, "m", "OFF")))
     first.start()
-    eventually(lambda: _assert(bridge.commands_total["superseded"] == 0 and "m" in bridge._waiting))
+    wait_until(lambda: bridge.commands_total["superseded"] == 0 and "m" in bridge._waiting, 15, "OFF waiting")
     host = url.removeprefix("http://").rstrip("/")
     second = post(url, "m", "TOGGLE", headers={"Origin": f"http://{host}"})  # same origin: allowed
     first.join(30)
@@ -213,11 +215,7 @@ def test_relay_commands_over_http_go_the_mqtt_way(rig: Rig, serve: Serve) -> Non
 
 @amqtt
 def test_a_command_the_meter_never_confirms_is_504(rig: Rig, serve: Serve) -> None:
-    meter = SimMeter(devid="1728053321", pin=PIN, extended=True)
-    sim = rig.simulator([meter])
-    probe = rig.probe("smartmac/#")
-    bridge = rig.bridge([device(sim, meter, topic="m", timeout=0.5)])
-    url = serve(bridge)
+    meter, sim, probe, _, url = one_meter(rig, serve, "1728053321", timeout=0.5)
     probe.wait_for("smartmac/m/state")
     sim.set_fault(meter.devid, "refuse")
     started = time.monotonic()
@@ -230,17 +228,13 @@ def test_a_command_the_meter_never_confirms_is_504(rig: Rig, serve: Serve) -> No
 
 @amqtt
 def test_an_open_command_gets_503_when_the_bridge_stops(rig: Rig, serve: Serve) -> None:
-    meter = SimMeter(devid="1728053331", pin=PIN, extended=True)
-    sim = rig.simulator([meter])
-    probe = rig.probe("smartmac/#")
-    bridge = rig.bridge([device(sim, meter, topic="m")])
-    url = serve(bridge)
+    meter, sim, probe, bridge, url = one_meter(rig, serve, "1728053331")
     probe.wait_for("smartmac/m/state")
     sim.set_fault(meter.devid, "refuse")
     answers: list[requests.Response] = []
     waiting = threading.Thread(target=lambda: answers.append(post(url, "m", "ON")))
     waiting.start()
-    eventually(lambda: _assert("m" in bridge._waiting))
+    wait_until(lambda: "m" in bridge._waiting, 15, "the command waiting")
     bridge.stop()
     waiting.join(10)
     assert answers and answers[0].status_code == 503
@@ -265,7 +259,7 @@ def test_basic_auth_everywhere_but_the_probes(rig: Rig, serve: Serve) -> None:
         assert post(url, "m", "ON").status_code == 401
         assert requests.get(url + "healthz", timeout=5).status_code == 200
         ready = url + "readyz"
-        eventually(lambda: _assert(requests.get(ready, timeout=5).status_code == 200))  # noqa: B023
+        wait_until(lambda: requests.get(ready, timeout=5).status_code == 200, 15, "ready")  # noqa: B023
         broken = {"Authorization": "Basic " + base64.b64encode(b"no-colon").decode()}
         assert requests.get(url + "api/meters", headers=broken, timeout=5).status_code == 401
         assert requests.get(url, headers={"Authorization": "Basic %%%"}, timeout=5).status_code == 401
@@ -281,16 +275,16 @@ def test_readiness_follows_the_broker_and_health_the_loop(tmp_path: Path, serve:
     bridge.start()
     try:
         url = serve(bridge)
-        eventually(lambda: _assert(requests.get(url + "readyz", timeout=5).status_code == 200))
+        wait_until(lambda: requests.get(url + "readyz", timeout=5).status_code == 200, 15, "ready")
         healthy = requests.get(url + "healthz", timeout=5)
         assert (healthy.status_code, healthy.text) == (200, "ok\n")
         broker.stop()
-        eventually(lambda: _assert(requests.get(url + "readyz", timeout=5).status_code == 503))
+        wait_until(lambda: requests.get(url + "readyz", timeout=5).status_code == 503, 15, "not ready")
         assert "not connected" in requests.get(url + "readyz", timeout=5).text
         assert metrics(url)["smartmac_mqtt_connected", ()] == 0
         assert requests.get(url + "healthz", timeout=5).status_code == 200  # the loop still turns
         broker = EmbeddedBroker(LOOPBACK, port).start()
-        eventually(lambda: _assert(requests.get(url + "readyz", timeout=5).status_code == 200), timeout=40)
+        wait_until(lambda: requests.get(url + "readyz", timeout=5).status_code == 200, 40, "ready again")
         # The bridge's heartbeat stops (as when its loop stalls, or run() has ended while
         # the server still answers): 503 once the last beat is 10 s old.
         loop = bridge._loop
@@ -331,7 +325,7 @@ def test_bridge_health_every_interval_not_retained(
 
 def test_run_stops_on_a_taken_http_port(tmp_path: Path, processes: list[Process]) -> None:
     taken = free_port()
-    with _listening(taken):
+    with socket.create_server((LOOPBACK, taken)):
         config = write_config(
             tmp_path,
             f"http: {{port: {taken}}}\nmqtt: {{host: 127.0.0.1, port: {free_port()}}}\n"
@@ -345,7 +339,7 @@ def test_run_stops_on_a_taken_http_port(tmp_path: Path, processes: list[Process]
 
 def test_demo_runs_without_the_page_when_its_port_is_taken(tmp_path: Path, processes: list[Process]) -> None:
     taken, broker = free_port(), free_port()
-    with _listening(taken):
+    with socket.create_server((LOOPBACK, taken)):
         env = {"SMARTMAC_HTTP__PORT": str(taken), "SMARTMAC_EMBEDDED_BROKER__PORT": str(broker)}
         demo = Process(tmp_path, "demo", env=env)
         processes.append(demo)
@@ -358,20 +352,3 @@ def test_demo_runs_without_the_page_when_its_port_is_taken(tmp_path: Path, proce
         assert f"Status page: http://127.0.0.1:{taken}/" in demo.stdout
         assert "running without the status page" in demo.stderr
         assert demo.terminate() == 0
-
-
-class _listening:
-    """A port some other program listens on."""
-
-    def __init__(self, port: int) -> None:
-        import socket
-
-        self._sock = socket.socket()
-        self._sock.bind((LOOPBACK, port))
-        self._sock.listen()
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        self._sock.close()
