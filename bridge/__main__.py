@@ -189,6 +189,7 @@ def build_bridge(settings: Settings, devices: Sequence[DeviceSettings], *, host:
         homeassistant=settings.homeassistant,
         publish=settings.publish,
         http=settings.http,
+        shard=settings.shard,
     )
 
 

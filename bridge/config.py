@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
+import socket
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -32,6 +34,7 @@ from pydantic_settings import (
 )
 
 from .errors import ConfigError
+from .shard import index_from_host
 from .topics import MAX_LEVEL, refused_text, valid_level
 
 ENV_PREFIX = "SMARTMAC_"
@@ -43,6 +46,10 @@ EXTENDED_MIN_GAP = 6.0
 
 #: The topic segment the bridge keeps for itself (B/bridge/availability, B/bridge/info).
 RESERVED_SEGMENT = "bridge"
+#: ... and the segments of the shards' own topics (B/bridge-2/availability).
+_SHARD_SEGMENT = re.compile(r"bridge-[0-9]+")
+#: The most shards one device list may be split into.
+MAX_SHARDS = 1024
 
 #: What the topic rule (topics.valid_level) refuses besides separators and wildcards.
 _REFUSED = "control characters, Unicode non-characters or lone surrogates"
@@ -251,8 +258,8 @@ class DeviceSettings(_Model):
             raise ValueError(
                 f"must be one topic level of 1 to {MAX_LEVEL} characters, without '/', '+', '#', {_REFUSED}"
             )
-        if value == RESERVED_SEGMENT:
-            raise ValueError(f"'{RESERVED_SEGMENT}' is reserved for the bridge's own topics")
+        if reserved_segment(value):
+            raise ValueError("'bridge' and 'bridge-<digits>' are reserved for the bridge's own topics")
         return value
 
     @field_validator("interval")
@@ -284,6 +291,43 @@ class DeviceSettings(_Model):
     @property
     def url(self) -> str:
         return base_url(self.host)
+
+
+def reserved_segment(segment: str) -> bool:
+    """`bridge` and `bridge-<digits>`: the topics of the bridge itself, of any shard."""
+    return segment == RESERVED_SEGMENT or _SHARD_SEGMENT.fullmatch(segment) is not None
+
+
+class ShardSettings(_Model):
+    count: int = Field(1, ge=1, le=MAX_SHARDS)
+    """Instances sharing one device list; each serves the meters the hash gives it."""
+    index: int | None = Field(None, ge=0)
+    """This instance, 0..count-1. None with count > 1: the host name's trailing -<n> (a
+    StatefulSet's pod smartmac-bridge-2 is 2)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _index_from_host(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("index") is not None:
+            return data
+        try:
+            count = int(data.get("count", 1))
+        except (TypeError, ValueError):
+            return data  # the field's own check names it
+        if count > 1:
+            index = index_from_host(socket.gethostname())
+            if index is not None:
+                return {**data, "index": index}
+        return data
+
+    @property
+    def sharded(self) -> bool:
+        return self.count > 1
+
+    @property
+    def node(self) -> str:
+        """The segment of this instance's own topics: bridge, or bridge-<index> when sharded."""
+        return f"bridge-{self.index}" if self.sharded else RESERVED_SEGMENT
 
 
 def base_url(host: str) -> str:
@@ -328,6 +372,7 @@ class Settings(BaseSettings):
     homeassistant: HomeAssistantSettings = HomeAssistantSettings()
     publish: PublishSettings = PublishSettings()
     http: HttpSettings = HttpSettings()
+    shard: ShardSettings = ShardSettings()
     devices: tuple[DeviceSettings, ...] = ()
 
     @model_validator(mode="after")
@@ -341,6 +386,17 @@ class Settings(BaseSettings):
             raise ValueError(
                 "http.host: not a loopback address; set http.password (and http.username) "
                 "or http.read_only: true"
+            )
+        shard = self.shard
+        if shard.sharded and shard.index is None:
+            raise ValueError(
+                f"shard.index: not set, and the host name {socket.gethostname()!r} does not end in"
+                " -<n> (shard.count > 1 needs the index of this instance)"
+            )
+        if shard.index is not None and shard.index >= shard.count:
+            raise ValueError(
+                f"shard.index: {shard.index} is not below shard.count {shard.count} (when not set,"
+                " it is the host name's trailing -<n>)"
             )
         for field, label in (("id", "id"), ("segment", "topic")):
             seen: dict[str, int] = {}

@@ -232,6 +232,9 @@ class Discovery:
     version: str
     configuration_url: str | None = None
     """The bridge's status page (http.public_url), linked from HA's device page."""
+    bridge_node: str = "bridge"
+    """The segment of the bridge's own topics: each meter's entities depend on the
+    availability of the instance (the shard) that serves it."""
 
     @property
     def status_topic(self) -> str:
@@ -321,7 +324,7 @@ class Discovery:
         """The fields every entity of one meter carries."""
         return {
             "availability": [
-                {"topic": bridge_availability(self.base)},
+                {"topic": bridge_availability(self.base, self.bridge_node)},
                 {"topic": meter_topic(self.base, device.segment, "availability")},
             ],
             "availability_mode": "all",

@@ -17,7 +17,7 @@ It runs on the bridge's loop and publishes through the link; the clock is passed
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -73,11 +73,20 @@ class _Run:
 class HomeAssistant:
     """Discovery for one bridge's meters: first announce, key changes, ghosts, re-announces."""
 
-    def __init__(self, discovery: Discovery, link: Link, meters: Sequence[Announced]) -> None:
+    def __init__(
+        self,
+        discovery: Discovery,
+        link: Link,
+        meters: Sequence[Announced],
+        configured: Iterable[str] | None = None,
+    ) -> None:
+        """`meters`: the ones this instance serves; `configured`: the devids of the whole
+        device list (default: the meters'), which the ghost scan keeps. Shards share one
+        list, so no shard clears the entities of another's meters."""
         self.discovery = discovery
         self._link = link
         self._meters = meters
-        self._configured = {meter.ha.devid for meter in meters}
+        self._configured = set(configured) if configured is not None else {m.ha.devid for m in meters}
         self._scan: dict[str, str] | None = None  # retained config topic -> its devid
         self._scan_until: float | None = None
         self._scanned = False

@@ -43,6 +43,7 @@ from .config import (
     HttpSettings,
     MqttSettings,
     PublishSettings,
+    ShardSettings,
     min_gap,
 )
 from .counters import CounterGuard
@@ -54,6 +55,7 @@ from .meter import Exchange, MeterClient
 from .mqtt import MqttLink
 from .readings import Snapshot, parse_body
 from .schedule import Scheduler
+from .shard import owner
 from .status import Histogram, Rate, available, health_payload, request_result
 from .topics import (
     OFFLINE,
@@ -153,12 +155,19 @@ class Bridge:
         homeassistant: HomeAssistantSettings | None = None,
         publish: PublishSettings | None = None,
         http: HttpSettings | None = None,
+        shard: ShardSettings | None = None,
     ) -> None:
+        """`devices`: the whole device list; with `shard`, the bridge serves the meters the
+        hash gives its index (shard.py) and names its own topics B/bridge-<index>/."""
         self.base = mqtt.base_topic
         homeassistant = homeassistant or HomeAssistantSettings()
         publish = publish or PublishSettings()
+        self.shard = shard = shard or ShardSettings()
+        if shard.sharded:
+            mqtt = mqtt.model_copy(update={"client_id": f"{mqtt.client_id}-{shard.index}"})
+        mine, self.others = _split(devices, shard)
         self._meters: dict[str, Meter] = {}
-        for device in devices:
+        for device in mine:
             client = MeterClient(device.url, device.id, device.pin.get_secret_value(), timeout=device.timeout)
             meter = Meter(
                 device, client, MeterTopics(self.base, device.segment), RelayCommands(device.poll_interval)
@@ -166,11 +175,11 @@ class Bridge:
             if publish.mode == "on_change":
                 meter.changes = ChangeFilter(publish.heartbeat)
             self._meters[device.segment] = meter
-        self._availability = bridge_availability(self.base)
+        self._availability = bridge_availability(self.base, shard.node)
         subscriptions = [command_subscription(self.base)]
         # Home Assistant's device page links to the status page, where one is served.
         page = http.public_url if http is not None and http.port is not None else None
-        discovery = Discovery(homeassistant.prefix, self.base, __version__, page)
+        discovery = Discovery(homeassistant.prefix, self.base, __version__, page, shard.node)
         if homeassistant.discovery:
             subscriptions.append(discovery.status_topic)
         self.link = MqttLink(
@@ -187,11 +196,12 @@ class Bridge:
                 discovery,
                 self.link,
                 list(self._meters.values()),
+                configured=(device.id for device in devices),
             )
             if homeassistant.discovery
             else None
         )
-        self.health_topic = bridge_health(self.base)
+        self.health_topic = bridge_health(self.base, shard.node)
         self.lags: list[float] | None = None
         """Set to a list to record, for every request, its start minus its planned time (s)."""
         self._schedule: Scheduler[str] = Scheduler()
@@ -288,11 +298,14 @@ class Bridge:
                 }
                 for m in self._meters.values()
             ),
+            (self.shard.index or 0, self.shard.count) if self.shard.sharded else None,
         )
         # Published (and remembered for every reconnect) before the first connect. A meter's
         # availability is first published by its first read: online, or offline after 3
         # failures.
-        self.link.publish_many([(self._availability, ONLINE), (bridge_info(self.base), info)])
+        self.link.publish_many(
+            [(self._availability, ONLINE), (bridge_info(self.base, self.shard.node), info)]
+        )
         now = time.monotonic()
         spread = (
             min(min(m.device.poll_interval for m in self._meters.values()) / len(self._meters), START_SPREAD)
@@ -307,7 +320,17 @@ class Bridge:
                 now=now + index * spread,
             )
         self.link.start(loop)
-        logger.info("bridge started with %d meter(s) under %s/", len(self._meters), self.base)
+        if self.shard.sharded:
+            logger.info(
+                "bridge started as shard %d of %d with %d of %d meter(s) under %s/",
+                self.shard.index,
+                self.shard.count,
+                len(self._meters),
+                len(self._meters) + len(self.others),
+                self.base,
+            )
+        else:
+            logger.info("bridge started with %d meter(s) under %s/", len(self._meters), self.base)
         self.started_at = self.beat = now
         self._health_at = now + HEALTH_INTERVAL
         self._tick()
@@ -630,7 +653,8 @@ class Bridge:
         segment = command_segment(self.base, topic)
         meter = self._meters.get(segment) if segment is not None else None
         if meter is None:
-            logger.debug("ignoring a command on %s: no meter has that topic", topic)
+            # Another shard's meter: its owner answers. Silent, as for a topic no meter has.
+            logger.debug("ignoring a command on %s: no meter of this instance has that topic", topic)
             return
         if retain:
             # Stale by definition: replaying it would switch the relay on every reconnect.
@@ -648,6 +672,8 @@ class Bridge:
         is refused, handled as the parser's refusal. On the loop."""
         meter = self._meters.get(segment)
         if meter is None:
+            if segment in self.others:
+                return 404, result_error(f"served by {self.others[segment]}, not this instance")
             return 404, result_error("no meter has this topic")
         if self._loop is None:  # the server starts first: a request may beat run()
             return 503, result_error("bridge starting")
@@ -694,6 +720,23 @@ class Bridge:
             self._arm()
         self._flush_soon()
         return False
+
+
+def _split(
+    devices: tuple[DeviceSettings, ...] | list[DeviceSettings], shard: ShardSettings
+) -> tuple[list[DeviceSettings], dict[str, str]]:
+    """The meters this instance serves, and of the others: segment -> their shard's node."""
+    if not shard.sharded:
+        return list(devices), {}
+    mine: list[DeviceSettings] = []
+    others: dict[str, str] = {}
+    for device in devices:
+        index = owner(device.id, shard.count)
+        if index == shard.index:
+            mine.append(device)
+        else:
+            others[device.segment] = f"bridge-{index}"
+    return mine, others
 
 
 def _answer(reply: object, result: bytes) -> None:

@@ -116,17 +116,18 @@ def meter_topic(base: str, segment: str, leaf: str) -> str:
     return f"{base}/{segment}/{leaf}"
 
 
-def bridge_availability(base: str) -> str:
-    return f"{base}/bridge/availability"
+def bridge_availability(base: str, node: str = "bridge") -> str:
+    """The bridge's own topics are under B/bridge/, a shard's under B/bridge-<index>/."""
+    return f"{base}/{node}/availability"
 
 
-def bridge_info(base: str) -> str:
-    return f"{base}/bridge/info"
+def bridge_info(base: str, node: str = "bridge") -> str:
+    return f"{base}/{node}/info"
 
 
-def bridge_health(base: str) -> str:
+def bridge_health(base: str, node: str = "bridge") -> str:
     """Not retained, every minute (README "Topics")."""
-    return f"{base}/bridge/health"
+    return f"{base}/{node}/health"
 
 
 def command_subscription(base: str) -> str:
@@ -164,8 +165,14 @@ def state_messages(topics: MeterTopics, snap: Snapshot, relay: Relay) -> list[tu
     return messages
 
 
-def info_payload(version: str, devices: Iterable[dict[str, object]]) -> bytes:
-    return json.dumps({"version": version, "devices": list(devices)}).encode()
+def info_payload(
+    version: str, devices: Iterable[dict[str, object]], shard: tuple[int, int] | None = None
+) -> bytes:
+    """B/bridge/info; a shard's (index, count) too, when the device list is sharded."""
+    info: dict[str, object] = {"version": version, "devices": list(devices)}
+    if shard is not None:
+        info["shard"] = {"index": shard[0], "count": shard[1]}
+    return json.dumps(info).encode()
 
 
 # -- Home Assistant's discovery topics, under its prefix (default `homeassistant`) --------

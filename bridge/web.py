@@ -155,6 +155,11 @@ class WebServer:
                 "mqtt_connected": bridge.link.connected.is_set(),
                 "broker": bridge.link.broker,
                 "read_only": self._settings.read_only,
+                "shard": (
+                    {"index": bridge.shard.index, "count": bridge.shard.count}
+                    if bridge.shard.sharded
+                    else None
+                ),
                 "uptime_s": round(time.monotonic() - bridge.started_at),
                 # The bridge's clock: the page's ages of last_read are not off by the
                 # browser's (a phone's clock may be minutes away).

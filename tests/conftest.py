@@ -17,6 +17,7 @@ from bridge.config import (
     HomeAssistantSettings,
     MqttSettings,
     PublishSettings,
+    ShardSettings,
 )
 from bridge.service import Bridge
 from bridge.simulator import SimMeter, Simulator
@@ -86,6 +87,7 @@ def bridge_factory(broker: BrokerProcess) -> Iterator[Callable[..., Bridge]]:
         *,
         homeassistant: HomeAssistantSettings | None = None,
         publish: PublishSettings | None = None,
+        shard: ShardSettings | None = None,
         **mqtt: object,
     ) -> Bridge:
         options: dict[str, object] = {
@@ -96,7 +98,13 @@ def bridge_factory(broker: BrokerProcess) -> Iterator[Callable[..., Bridge]]:
         options.update(mqtt)
         settings = MqttSettings(**options)  # type: ignore[arg-type]
         bridge = Bridge(
-            devices, settings, host=LOOPBACK, port=broker.port, homeassistant=homeassistant, publish=publish
+            devices,
+            settings,
+            host=LOOPBACK,
+            port=broker.port,
+            homeassistant=homeassistant,
+            publish=publish,
+            shard=shard,
         )
         bridge.start()
         bridges.append(bridge)

@@ -119,7 +119,10 @@ def test_empty_host_from_environment_means_embedded(monkeypatch: pytest.MonkeyPa
             "devices: [{id: '1', pin: 'x', host: h, extended: true, interval: 5}]",
             "devices.0.interval: 5 s is below the 6 s an extended",
         ),
-        ("devices: [{id: '1', pin: 'x', host: h, topic: bridge}]", "devices.0.topic: 'bridge' is reserved"),
+        (
+            "devices: [{id: '1', pin: 'x', host: h, topic: bridge}]",
+            "devices.0.topic: 'bridge' and 'bridge-<digits>' are reserved",
+        ),
         ("devices: [{id: '1', pin: 'x', host: h, topic: 'a/b'}]", "devices.0.topic"),
         ("devices: [{id: '1', pin: 'x', host: 'https://h'}]", "devices.0.host: the meter speaks plain http"),
         ("devices: [{id: '1', pin: 'x', host: 'h:99999'}]", "devices.0.host: port"),
