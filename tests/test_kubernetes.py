@@ -139,8 +139,8 @@ def test_probes_ask_the_bridge_on_its_http_port() -> None:
     ready, live = CONTAINER["readinessProbe"], CONTAINER["livenessProbe"]
     assert ready["httpGet"] == {"path": "/readyz", "port": HTTP_PORT["name"]}
     assert live["httpGet"] == {"path": "/healthz", "port": HTTP_PORT["name"]}
-    # /healthz already waits HEALTHY_WITHIN s for a loop turn; the probe's timeout is for
-    # answering, and a restart needs more than one miss.
+    # /healthz itself allows HEALTHY_WITHIN s without a loop turn, so asking more often finds
+    # a stuck loop no sooner; a restart needs more than one miss.
     assert live["failureThreshold"] >= 2 and live["timeoutSeconds"] < live["periodSeconds"]
     assert live["periodSeconds"] >= HEALTHY_WITHIN
     # A stop says offline within STOP_TIMEOUT; Kubernetes kills the pod after the grace period.
@@ -210,8 +210,9 @@ _SUFFIXES = {"m": 1e-3, "": 1.0, "k": 1e3, "M": 1e6, "G": 1e9, "Ki": 2**10, "Mi"
 
 def _quantity(text: str | int) -> float:
     """A Kubernetes quantity (100m, 1, 128Mi) as a number; only the suffixes used here."""
-    number, suffix = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", str(text)).groups()  # type: ignore[union-attr]
-    return float(number) * _SUFFIXES[suffix]
+    match = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", str(text))
+    assert match is not None, f"not a quantity: {text!r}"
+    return float(match[1]) * _SUFFIXES[match[2]]
 
 
 def test_service_links_would_stop_the_bridge(monkeypatch: pytest.MonkeyPatch) -> None:
