@@ -219,6 +219,15 @@ def test_two_shards_share_one_list(rig: Rig, caplog: pytest.LogCaptureFixture) -
     assert len([m for m in probe.messages[mark:] if m.topic == topic + "/result"]) == 1
     assert target.pout == 1
 
+    # Home Assistant restarts: each shard resends the configs of its own meters.
+    mark = probe.mark()
+    probe.publish("homeassistant/status", "online")
+    for meter in meters:
+        probe.wait_for(f"homeassistant/switch/smartmac_{meter.devid}/relay/config", after=mark)
+    probe.sync("homeassistant")
+    resent = [m.topic for m in probe.messages[mark:] if m.topic.endswith("/relay/config")]
+    assert sorted(resent) == sorted(f"homeassistant/switch/smartmac_{m.devid}/relay/config" for m in meters)
+
     # Shard 0's API: its own summary, and a 404 naming the owner for shard 1's meter.
     loop = first._loop
     assert loop is not None
