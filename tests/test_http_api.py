@@ -143,6 +143,7 @@ def test_meters_and_metrics_say_what_mqtt_and_the_simulator_say(rig: Rig, serve:
         1,
         True,
     )
+    assert summary["shard"] is None  # not sharded (tests/test_shard.py has the shards)
 
 
 def one_meter(

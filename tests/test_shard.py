@@ -6,6 +6,7 @@ the test fails if the bridge's hash drifts from what tools outside the repo comp
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -13,13 +14,16 @@ import socket
 from pathlib import Path
 
 import pytest
+import requests
 from shapes import json_object
 from support import Rig, assert_rate_limit_kept, device
 
+from bench.support import free_port
 from bridge import shard
-from bridge.config import ShardSettings, load_settings
+from bridge.config import HttpSettings, ShardSettings, load_settings
 from bridge.errors import ConfigError
 from bridge.simulator import SimMeter
+from bridge.web import WebServer
 
 
 def contract_owner(devid: str, count: int) -> int:
@@ -214,6 +218,29 @@ def test_two_shards_share_one_list(rig: Rig, caplog: pytest.LogCaptureFixture) -
     probe.sync("smartmac")
     assert len([m for m in probe.messages[mark:] if m.topic == topic + "/result"]) == 1
     assert target.pout == 1
+
+    # Home Assistant restarts: each shard resends the configs of its own meters.
+    mark = probe.mark()
+    probe.publish("homeassistant/status", "online")
+    for meter in meters:
+        probe.wait_for(f"homeassistant/switch/smartmac_{meter.devid}/relay/config", after=mark)
+    probe.sync("homeassistant")
+    resent = [m.topic for m in probe.messages[mark:] if m.topic.endswith("/relay/config")]
+    assert sorted(resent) == sorted(f"homeassistant/switch/smartmac_{m.devid}/relay/config" for m in meters)
+
+    # Shard 0's API: its own summary, and a 404 naming the owner for shard 1's meter.
+    loop = first._loop
+    assert loop is not None
+    server = WebServer(first, HttpSettings(port=free_port()))
+    asyncio.run_coroutine_threadsafe(server.start(), loop).result(10)
+    try:
+        summary = requests.get(server.url + "api/bridge", timeout=5).json()
+        assert (summary["shard"], summary["meters"]) == ({"index": 0, "count": 2}, len(mine0))
+        other = next(m for m in meters if owners[m.devid] == 1)
+        answer = requests.post(server.url + f"api/meters/{segment[other.devid]}/relay", data="ON", timeout=5)
+        assert (answer.status_code, answer.json()["error"]) == (404, "served by bridge-1, not this instance")
+    finally:
+        asyncio.run_coroutine_threadsafe(server.close(), loop).result(10)
 
     # What Home Assistant finds later: every meter's configs, from both shards.
     late = rig.probe("homeassistant/#")
