@@ -22,7 +22,7 @@ from cluster.natskit import (
     availability,
     contract_owner,
     online,
-    rotated_config,
+    shard_environment,
     write_shard_config,
 )
 
@@ -38,9 +38,9 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     owners = {m.devid: contract_owner(m.devid, SHARDS) for m in meters}
     # The test needs every shard to own a meter; the ids above are chosen so (and fixed).
     assert sorted(set(owners.values())) == list(range(SHARDS)), owners
-    base = directory / "shared.json"
-    write_shard_config(base, cluster, sim, meters)
-    shards = [Shard(directory, rotated_config(directory, base, cluster, i), i) for i in range(SHARDS)]
+    config = directory / "shared.yaml"
+    write_shard_config(config, cluster, sim, meters)
+    shards = [Shard(directory, config, i, shard_environment(cluster, i)) for i in range(SHARDS)]
     fleet = Fleet(cluster, sim, shards, meters, owners)
     watcher = fleet.probe(SHARDS - 1)
     try:

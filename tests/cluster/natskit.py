@@ -1,7 +1,7 @@
 """The cluster tests' kit: the shards as processes, the fleet, and the contract's owner.
 
 The nodes (bench/nats.py) are clustered on loopback with JetStream and MQTT on; each shard is
-`python -m bridge run` with one shared config and its own SMARTMAC_SHARD__INDEX, and a
+`python -m bridge run` with one shared config file and its own SMARTMAC_SHARD__INDEX, and a
 broker list rotated so shard i starts on node i. Starting all that takes several seconds,
 so the fleet lives for the module: a test that kills something brings it back before it
 ends, and the next test finds the fleet as it was.
@@ -21,6 +21,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 from support import ROOT, Message, Probe
 
 from bench.nats import NatsCluster
@@ -45,18 +46,19 @@ def contract_owner(devid: str, count: int) -> int:
 class Shard:
     """`python -m bridge run` as shard `index`; output appended to files in `directory`."""
 
-    def __init__(self, directory: Path, config: Path, index: int) -> None:
+    def __init__(self, directory: Path, config: Path, index: int, env: dict[str, str]) -> None:
         self.index = index
+        self.env = env
         self.client_id = f"{CLIENT_ID}-{index}"
         self.config = config
         self.output = directory / f"shard-{index}.out"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Shard:
-        # Nothing of the runner's SMARTMAC_* environment: only the file and the index.
+        # Nothing of the runner's SMARTMAC_* environment: only the file and this shard's own.
         env = {k: v for k, v in os.environ.items() if not k.upper().startswith("SMARTMAC_")}
         env.update(
-            SMARTMAC_SHARD__INDEX=str(self.index),
+            self.env,
             PYTHONUNBUFFERED="1",
             PYTHONFAULTHANDLER="1",
             # The worktree's bridge, whatever the venv has installed.
@@ -180,10 +182,7 @@ FAILOVER = _failover()
 
 
 def write_shard_config(path: Path, cluster: NatsCluster, sim: Simulator, meters: list[SimMeter]) -> None:
-    """The one config every shard reads; the index comes from each one's environment.
-
-    The broker list is every node; JSON is YAML, so the file is written with json.dumps.
-    """
+    """The one config file every shard reads, in YAML; the broker list is every node, n0 first."""
     devices = [
         {
             "id": m.devid,
@@ -195,22 +194,30 @@ def write_shard_config(path: Path, cluster: NatsCluster, sim: Simulator, meters:
         }
         for m in meters
     ]
+    mqtt: dict[str, object] = {"client_id": CLIENT_ID, "base_topic": BASE, "qos": 1}
+    if FAILOVER:
+        mqtt["host"] = cluster.addresses()
+    else:  # TEMPORARY until broker failover lands on main: one node
+        mqtt["host"], mqtt["port"] = LOOPBACK, cluster.nodes[0].mqtt_port
     config = {
-        "mqtt": {"host": cluster.addresses(), "client_id": CLIENT_ID, "base_topic": BASE, "qos": 1},
+        "mqtt": mqtt,
         "homeassistant": {"discovery": False},
         "shard": {"count": SHARDS},
         "devices": devices,
     }
-    path.write_text(json.dumps(config, indent=1) + "\n")
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
 
 
-def rotated_config(directory: Path, base: Path, cluster: NatsCluster, index: int) -> Path:
-    """`base` with the broker list starting at node `index`: each shard starts on its own."""
-    config = json.loads(base.read_text())
-    if FAILOVER:
-        config["mqtt"]["host"] = cluster.addresses(first=index)
-    else:  # TEMPORARY until broker failover lands on main: one node per shard
-        config["mqtt"]["host"], config["mqtt"]["port"] = cluster.addresses(first=index)[0].split(":")
-    path = directory / f"shard-{index}.json"
-    path.write_text(json.dumps(config, indent=1) + "\n")
-    return path
+def shard_environment(cluster: NatsCluster, index: int) -> dict[str, str]:
+    """What shard `index` gets beyond the shared file: its index, and its broker list rotated
+    to start at node `index`, each in one of the forms README gives (shard 0 keeps the file's
+    YAML list, shard 1 gets a JSON list, shard 2 the comma-separated one)."""
+    env = {"SMARTMAC_SHARD__INDEX": str(index)}
+    addresses = cluster.addresses(first=index)
+    if not FAILOVER:  # TEMPORARY until broker failover lands on main: one node per shard
+        return {**env, "SMARTMAC_MQTT__PORT": str(cluster.nodes[index].mqtt_port)}
+    if index % 3 == 1:
+        env["SMARTMAC_MQTT__HOST"] = json.dumps(addresses)
+    elif index % 3 == 2:
+        env["SMARTMAC_MQTT__HOST"] = ",".join(addresses)
+    return env
