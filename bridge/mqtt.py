@@ -86,7 +86,11 @@ class MqttLink:
         """`host:port` of the broker the link is on, or is trying (the status page's)."""
         self._keepalive = keepalive
         self._qos = settings.qos
-        self._subscriptions = subscriptions
+        # The will topic too: a node the bridge left while it was still up (the network
+        # between them broke) publishes the will when its keepalive runs out, through the
+        # cluster, after the bridge's `online` on the node it is on now. Seen, it is undone.
+        self._will_topic = will_topic
+        self._subscriptions = [*subscriptions, will_topic]
         self._on_message = on_message
         self._on_connect = on_connect
         self._retained: dict[str, bytes] = {}
@@ -143,7 +147,7 @@ class MqttLink:
                     f"mqtt.tls: cannot load ca_certs/certfile/keyfile: {getattr(exc, 'reason', None) or exc}"
                 ) from None
             client.tls_insecure_set(tls.insecure)
-        client.will_set(will_topic, b"offline", qos=1, retain=True)
+        client.will_set(will_topic, _WILL, qos=1, retain=True)
         # No in-flight window: with paho's default 20, close()'s final QoS 1 offline burst
         # (one per meter) takes a round trip per 20 meters and misses its 2 s.
         client.max_inflight_messages_set(0)
@@ -519,10 +523,29 @@ class MqttLink:
             )
 
     def _handle_message(self, client: paho.Client, userdata: object, message: paho.MQTTMessage) -> None:
+        if message.topic == self._will_topic:
+            self._will_seen(bytes(message.payload), bool(message.retain))
+            return
         try:
             self._on_message(message.topic, bytes(message.payload), bool(message.retain))
         except Exception:  # a bug in a handler must not cost the messages after it
             logger.exception("error handling a message on %s", message.topic)
+
+    def _will_seen(self, payload: bytes, retain: bool) -> None:
+        """A message on the will topic: an `offline` that arrives live while connected is
+        a last will of an earlier connection (the retained one sent on subscribing is older
+        than the replay that follows it): the remembered state goes out again."""
+        remembered = self._retained.get(self._will_topic)
+        if retain or payload != _WILL or not self._connected or self._stopped or remembered in (None, _WILL):
+            return
+        assert remembered is not None
+        logger.info(
+            "the last will of an earlier connection said offline on %s; published %r again",
+            self._will_topic,
+            remembered.decode(errors="replace"),
+        )
+        self._client.publish(self._will_topic, remembered, qos=max(self._qos, 1), retain=True)
+        self.messages_sent += 1
 
     def _handle_publish(
         self, client: paho.Client, userdata: object, mid: int, reason: ReasonCode, properties: object
@@ -566,6 +589,7 @@ async def _in_daemon_thread(loop: asyncio.AbstractEventLoop, call: Callable[[], 
     return await future
 
 
+_WILL = b"offline"  # the last will's payload
 _MIN_DELAY = 1.0  # seconds before the first reconnect attempt
 # Seconds between two brokers of one round: failing over is at once, and a pair of nodes
 # that both drop the bridge right after its CONNACK cannot make it spin.

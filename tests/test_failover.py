@@ -251,3 +251,36 @@ def test_run_builds_the_bridge_on_the_configured_list(monkeypatch: pytest.Monkey
 def test_host_and_brokers_together_are_refused() -> None:
     with pytest.raises(TypeError, match="not both"):
         Bridge([], MqttSettings(), host=LOOPBACK, port=1, brokers=[(LOOPBACK, 2)])
+
+
+@pytest.mark.parametrize("kind", ["amqtt", "mosquitto"])
+def test_a_late_last_will_from_a_node_left_behind_is_undone(
+    tmp_path: Path,
+    kind: str,
+    start_bridge: Callable[[list[tuple[str, int]]], Bridge],
+    probes: Callable[[int], Probe],
+) -> None:
+    # A node the bridge left while it was still up publishes the will when its keepalive
+    # runs out, through the cluster, after the bridge's `online` on its new node: this
+    # probe plays that node's part.
+    if kind == "mosquitto" and shutil.which("mosquitto") is None:
+        pytest.skip("mosquitto is not on PATH")
+    port = free_port()
+    if kind == "amqtt":
+        embedded = EmbeddedBroker(LOOPBACK, port).start()
+        stop = embedded.stop
+    else:
+        mosquitto = Mosquitto(tmp_path / "m", port).start()
+        stop = mosquitto.stop
+    try:
+        start_bridge([(LOOPBACK, port)])
+        cluster = probes(port)
+        availability = "smartmac/bridge/availability"
+        cluster.wait_for(availability, lambda m: m.payload == b"online", timeout=BOUND)
+        mark = cluster.mark()
+        cluster.publish(availability, b"offline", retain=True)
+        cluster.wait_for(availability, lambda m: m.payload == b"online", after=mark, timeout=BOUND)
+        later = probes(port)
+        assert later.wait_for(availability, lambda m: m.retain, timeout=BOUND).payload == b"online"
+    finally:
+        stop()
