@@ -266,6 +266,7 @@ def test_a_late_last_will_from_a_node_left_behind_is_undone(
     if kind == "mosquitto" and shutil.which("mosquitto") is None:
         pytest.skip("mosquitto is not on PATH")
     port = free_port()
+    stop: Callable[[], None]
     if kind == "amqtt":
         embedded = EmbeddedBroker(LOOPBACK, port).start()
         stop = embedded.stop
