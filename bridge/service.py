@@ -19,7 +19,7 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TypeVar
@@ -150,8 +150,9 @@ class Bridge:
         devices: tuple[DeviceSettings, ...] | list[DeviceSettings],
         mqtt: MqttSettings,
         *,
-        host: str,
-        port: int,
+        host: str | None = None,
+        port: int | None = None,
+        brokers: Sequence[tuple[str, int]] | None = None,
         homeassistant: HomeAssistantSettings | None = None,
         publish: PublishSettings | None = None,
         http: HttpSettings | None = None,
@@ -182,10 +183,15 @@ class Bridge:
         discovery = Discovery(homeassistant.prefix, self.base, __version__, page, shard.node)
         if homeassistant.discovery:
             subscriptions.append(discovery.status_topic)
+        # One broker (host, port; the port defaults to mqtt.port), or the list to fail over
+        # along, or else the ones `mqtt` names.
+        if host is not None:
+            if brokers is not None:
+                raise TypeError("Bridge takes host (and port) or brokers, not both")
+            brokers = ((host, mqtt.port if port is None else port),)
         self.link = MqttLink(
             mqtt,
-            host=host,
-            port=port,
+            brokers=mqtt.brokers if brokers is None else brokers,
             will_topic=self._availability,
             subscriptions=subscriptions,
             on_message=self._on_message,
