@@ -35,7 +35,7 @@ from pydantic_settings import (
 
 from .errors import ConfigError
 from .shard import index_from_host
-from .topics import MAX_LEVEL, refused_text, valid_level
+from .topics import MAX_LEVEL, Output, refused_text, valid_level
 
 ENV_PREFIX = "SMARTMAC_"
 CONFIG_ENV = "SMARTMAC_CONFIG"
@@ -230,6 +230,11 @@ class PublishSettings(_Model):
     changed or `heartbeat` seconds after it was last sent."""
     heartbeat: float = Field(300.0, ge=1, le=86400, allow_inf_nan=False)
     """Seconds after which an unchanged value is sent again (on_change only)."""
+    output: Output = "attribute_and_json"
+    """zigbee2mqtt's `output`. attribute_and_json: B/D/KEY for every reading and B/D/state.
+    json: B/D/state only (Home Assistant's sensors read it with a value_template).
+    attribute: B/D/KEY only. B/D/relay and B/D/availability in every mode; at the first
+    connect the other modes' retained topics of the configured meters are cleared."""
 
 
 class EmbeddedBrokerSettings(_Model):
