@@ -56,7 +56,7 @@ def main() -> int:
     stop = threading.Event()
     mark: list[int] = []
     # The same path as `run`: every setting (publish, homeassistant, ...) reaches the bridge.
-    bridge = build_bridge(settings, settings.devices, host=settings.mqtt.host, port=settings.mqtt.port)
+    bridge = build_bridge(settings, settings.devices)  # mqtt.host: one broker or a list
     bridge.lags = []
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

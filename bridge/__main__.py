@@ -166,9 +166,13 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _broker_address(settings: Settings) -> tuple[str, int]:
-    if settings.mqtt.host is not None:
-        return settings.mqtt.host, settings.mqtt.port
-    return settings.embedded_broker.host, settings.embedded_broker.port
+    """The broker to name in hints: the first configured, else the embedded one."""
+    return _brokers(settings)[0]
+
+
+def _brokers(settings: Settings) -> tuple[tuple[str, int], ...]:
+    """The brokers the bridge connects to, in order: mqtt.host's, else the embedded one."""
+    return settings.mqtt.brokers or ((settings.embedded_broker.host, settings.embedded_broker.port),)
 
 
 def _page_url(http: HttpSettings) -> str:
@@ -177,15 +181,27 @@ def _page_url(http: HttpSettings) -> str:
     return f"http://{host_port(http.host, http.port or 0)}/"
 
 
-def build_bridge(settings: Settings, devices: Sequence[DeviceSettings], *, host: str, port: int) -> Bridge:
-    """The bridge as `run` builds it, every setting passed on (the benchmark uses it too)."""
+def build_bridge(
+    settings: Settings,
+    devices: Sequence[DeviceSettings],
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    brokers: Sequence[tuple[str, int]] | None = None,
+) -> Bridge:
+    """The bridge as `run` builds it, every setting passed on (the benchmark uses it too).
+    The broker: `host` and `port`, or the `brokers` to fail over along, or else the
+    configured ones (mqtt.host, else the embedded broker's address)."""
     from .service import Bridge
 
+    if host is None and brokers is None:
+        brokers = _brokers(settings)
     return Bridge(
         tuple(devices),
         settings.mqtt,
         host=host,
         port=port,
+        brokers=brokers,
         homeassistant=settings.homeassistant,
         publish=settings.publish,
         http=settings.http,
@@ -212,8 +228,8 @@ async def _serve(settings: Settings, devices: Sequence[DeviceSettings], page_opt
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     broker = None
-    host, port = _broker_address(settings)
-    if settings.mqtt.host is None:
+    if not settings.mqtt.brokers:
+        host, port = _broker_address(settings)
         from .broker import EmbeddedBroker
         from .mqtt import host_port
 
@@ -223,7 +239,7 @@ async def _serve(settings: Settings, devices: Sequence[DeviceSettings], page_opt
         logger.info("no mqtt.host configured: using the embedded broker on %s", host_port(host, port))
     web = None
     try:
-        bridge = build_bridge(settings, devices, host=host, port=port)
+        bridge = build_bridge(settings, devices, brokers=_brokers(settings))
         if settings.http.port is not None:
             from .web import WebServer
 

@@ -35,7 +35,7 @@ from pydantic_settings import (
 
 from .errors import ConfigError
 from .shard import index_from_host
-from .topics import MAX_LEVEL, refused_text, valid_level
+from .topics import MAX_LEVEL, Output, refused_text, valid_level
 
 ENV_PREFIX = "SMARTMAC_"
 CONFIG_ENV = "SMARTMAC_CONFIG"
@@ -86,8 +86,10 @@ class TlsSettings(_Model):
 
 
 class MqttSettings(_Model):
-    host: str | None = None
-    """Broker host. Absent or null: start the embedded broker and use it."""
+    host: str | tuple[str, ...] | None = None
+    """Broker host, `host:port`, or several of them (a list, or `a,b:1884`): the nodes of
+    one cluster, tried in turn (see `brokers`). Absent, null or empty: start the embedded
+    broker and use it."""
     port: int = Field(1883, ge=1, le=65535)
     username: str | None = None
     password: SecretStr | None = None
@@ -99,11 +101,35 @@ class MqttSettings(_Model):
     """QoS of state publishes; everything retained is republished on reconnect anyway."""
     tls: TlsSettings = TlsSettings()
 
-    @field_validator("host")
+    @field_validator("host", mode="before")
     @classmethod
-    def _blank_is_none(cls, host: str | None) -> str | None:
-        # SMARTMAC_MQTT__HOST= (empty) reads as "no broker configured".
-        return host.strip() or None if host is not None else None
+    def _hosts(cls, value: Any) -> Any:
+        # Before pydantic's own check: its errors for a union would be named
+        # `mqtt.host.str` and `mqtt.host.tuple[str, ...]`, and this one names the entry.
+        if value is None:
+            return None
+        if isinstance(value, str):
+            text = value.strip()
+            if not text:
+                return None  # SMARTMAC_MQTT__HOST= (empty) reads as "no broker configured"
+            if "," not in text:
+                broker_address(text, 1)  # raises ValueError with the reason
+                return text
+            items: list[Any] = text.split(",")  # the environment's short form: a,b:1884
+        elif isinstance(value, list | tuple):
+            items = list(value)
+            if not items:
+                return None
+        else:
+            raise ValueError("must be a host, host:port, or a list of them")
+        for number, item in enumerate(items, 1):
+            try:
+                if not isinstance(item, str):
+                    raise ValueError("must be text: a host or host:port")
+                broker_address(item, 1)
+            except ValueError as exc:
+                raise ValueError(f"entry {number} of {len(items)}: {exc}") from None
+        return tuple(item.strip() for item in items)
 
     @field_validator("client_id")
     @classmethod
@@ -119,6 +145,58 @@ class MqttSettings(_Model):
     @classmethod
     def _topic_prefix(cls, base: str) -> str:
         return topic_prefix(base)
+
+    @property
+    def brokers(self) -> tuple[tuple[str, int], ...]:
+        """(host, port) of every configured broker, in the order they are tried; an entry
+        without a port has `port`. Empty: no broker configured (the embedded one runs)."""
+        hosts = (self.host,) if isinstance(self.host, str) else self.host or ()
+        return tuple(broker_address(host, self.port) for host in hosts)
+
+
+def broker_address(entry: str, port: int) -> tuple[str, int]:
+    """`host`, `host:port`, `[v6]:port`, `[v6]` or a bare IPv6 address (which has no port:
+    `::1`) -> (host, port), `port` where none is given. Raises ValueError with the reason,
+    never the text (config errors do not echo values)."""
+    text = entry.strip()
+    if not text:
+        raise ValueError("empty entry")
+    if refused_text(text) or any(c.isspace() for c in text):
+        raise ValueError(f"must not contain spaces, {_REFUSED}")
+    if any(c in text for c in "/@?#"):
+        raise ValueError("give host or host:port only, no scheme, path or user")
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or not _is_ipv6(host):
+            raise ValueError("brackets hold an IPv6 address: [::1] or [::1]:1883")
+        if not rest:
+            return host, port
+        if not rest.startswith(":"):
+            raise ValueError("give [address]:port")
+        return host, _port_number(rest[1:])
+    if text.count(":") > 1:
+        # Without brackets the colons are the address's own: `fe80::1:1884` is an address.
+        if not _is_ipv6(text):
+            raise ValueError("an IPv6 address with a port is written [address]:port")
+        return text, port
+    host, colon, rest = text.partition(":")
+    if not host:
+        raise ValueError("no host name")
+    return (host, _port_number(rest)) if colon else (host, port)
+
+
+def _port_number(text: str) -> int:
+    if not (text.isascii() and text.isdigit() and len(text) <= 5 and 1 <= int(text) <= 65535):
+        raise ValueError("port must be a number from 1 to 65535")
+    return int(text)
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)  # a zone (`fe80::1%eth0`) included
+    except ValueError:
+        return False
+    return True
 
 
 def topic_prefix(base: str) -> str:
@@ -152,6 +230,11 @@ class PublishSettings(_Model):
     changed or `heartbeat` seconds after it was last sent."""
     heartbeat: float = Field(300.0, ge=1, le=86400, allow_inf_nan=False)
     """Seconds after which an unchanged value is sent again (on_change only)."""
+    output: Output = "attribute_and_json"
+    """zigbee2mqtt's `output`. attribute_and_json: B/D/KEY for every reading and B/D/state.
+    json: B/D/state only (Home Assistant's sensors read it with a value_template).
+    attribute: B/D/KEY only. B/D/relay and B/D/availability in every mode; at the first
+    connect the other modes' retained topics of the configured meters are cleared."""
 
 
 class EmbeddedBrokerSettings(_Model):

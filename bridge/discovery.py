@@ -5,6 +5,10 @@ For every meter the bridge announces one `sensor` per reading and one `switch` f
     <prefix>/sensor/smartmac_<devid>/<KEY>/config   state_topic B/D/KEY
     <prefix>/switch/smartmac_<devid>/relay/config   state_topic B/D/relay, command B/D/relay/set
 
+With `publish.output: json` there is no B/D/KEY: each sensor reads B/D/state with
+`value_template: "{{ value_json.KEY }}"` instead (same topics, ids and entities otherwise,
+so switching modes only updates Home Assistant's configs).
+
 Payloads are compact JSON, generated on demand from the keys of the meter's last good read
 (nothing here is cached: a 2,000-meter fleet has ~50,000 configs, and they are only needed
 at a meter's first read, when its keys change, and when Home Assistant restarts).
@@ -37,6 +41,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from .topics import (
+    ATTRIBUTE_AND_JSON,
+    JSON,
+    Output,
     bridge_availability,
     discovery_config,
     discovery_parts,
@@ -55,6 +62,8 @@ _FAMILY = re.compile(r"([A-Za-z]+?)(\d*)")
 # What a discovery topic level may hold (HA's TOPIC_MATCHER).
 _TOPIC_LEVEL = re.compile(r"[a-zA-Z0-9_-]+")
 _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+# A key Jinja reads after a dot (its lexer's name token); others need value_json['KEY'].
+_JINJA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 # Units each device class accepts: HA's DEVICE_CLASS_UNITS (None = no unit).
 ACCEPTED_UNITS: dict[str, frozenset[str | None]] = {
@@ -152,6 +161,13 @@ def announced(key: str) -> bool:
     return valid_key(key) and _TOPIC_LEVEL.fullmatch(key) is not None
 
 
+def value_template(key: str) -> str:
+    """The template that reads one key from B/D/state (json output)."""
+    if _JINJA_NAME.fullmatch(key):
+        return "{{ value_json." + key + " }}"
+    return "{{ value_json['" + key + "'] }}"  # `a-b` or `1x` after a dot would not parse
+
+
 def model(keys: Iterable[str], extended: bool) -> str:
     """What the keys tell of the model: how many phases, or the pulse/sensor module."""
     phases = 0
@@ -232,6 +248,8 @@ class Discovery:
     version: str
     configuration_url: str | None = None
     """The bridge's status page (http.public_url), linked from HA's device page."""
+    output: Output = ATTRIBUTE_AND_JSON
+    """publish.output: in `json` the sensors read B/D/state with a value_template."""
     bridge_node: str = "bridge"
     """The segment of the bridge's own topics: each meter's entities depend on the
     availability of the instance (the shard) that serves it."""
@@ -297,8 +315,9 @@ class Discovery:
         """The devid of a retained config that this bridge (same prefix and base) published.
 
         Used to clear configs of meters that are no longer configured. The payload's state
-        topic must lie under our base topic: a second bridge on the same broker with another
-        base topic keeps its entities.
+        topic must lie under our base topic (B/D/KEY, or B/D/state in json output: either
+        output's configs are ours): a second bridge on the same broker with another base
+        topic keeps its entities.
         """
         parts = discovery_parts(self.prefix, topic)
         if parts is None:
@@ -346,8 +365,12 @@ class Discovery:
             "name": clean_label(reading.name) or reading.key,
             "unique_id": f"smartmac_{device.devid}_{reading.key}",
             "default_entity_id": "sensor." + object_id,
-            "state_topic": meter_topic(self.base, device.segment, reading.key),
         }
+        if self.output == JSON:
+            config["state_topic"] = meter_topic(self.base, device.segment, "state")
+            config["value_template"] = value_template(reading.key)
+        else:
+            config["state_topic"] = meter_topic(self.base, device.segment, reading.key)
         if cls is not None:
             config["device_class"] = cls.device_class
             config["state_class"] = cls.state_class

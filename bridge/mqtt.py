@@ -20,7 +20,7 @@ import inspect
 import logging
 import ssl
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import paho.mqtt.client as paho
@@ -50,6 +50,10 @@ def host_port(host: str, port: int) -> str:
 class MqttLink:
     """One connection to the broker, kept up for the life of the bridge.
 
+    Given several brokers (the nodes of one cluster), it is on one of them at a time: the
+    first that accepts, and after a failed connect or a lost connection the next, round
+    robin; the back-off applies once a whole round failed (see _keep_connected).
+
     paho runs on the bridge's asyncio loop as paho documents for external loops: its
     socket's readiness calls loop_read / loop_write, a timer calls loop_misc (keepalive),
     and every callback (a message, a connect) runs on the loop. Only the connect itself
@@ -62,20 +66,31 @@ class MqttLink:
         self,
         settings: MqttSettings,
         *,
-        host: str,
-        port: int,
+        brokers: Sequence[tuple[str, int]] = (),
+        host: str | None = None,
+        port: int = 1883,
         will_topic: str,
         subscriptions: list[str],
         on_message: MessageHandler,
         on_connect: Callable[[], None] | None = None,
         keepalive: int = _KEEPALIVE,
     ) -> None:
-        self.broker = host_port(host, port)
+        if host is not None:  # one broker, the short way
+            brokers = (*brokers, (host, port))
+        if not brokers:
+            raise ValueError("MqttLink needs at least one broker")
+        self._brokers = tuple(brokers)
+        self._node = 0  # index in _brokers of the broker connected to, or tried next
+        self._last_node: int | None = None  # the broker of the last connection
+        self.broker = host_port(*self._brokers[0])
+        """`host:port` of the broker the link is on, or is trying (the status page's)."""
         self._keepalive = keepalive
-        self._host = host
-        self._port = port
         self._qos = settings.qos
-        self._subscriptions = subscriptions
+        # The will topic too: a node the bridge left while it was still up (the network
+        # between them broke) publishes the will when its keepalive runs out, through the
+        # cluster, after the bridge's `online` on the node it is on now. Seen, it is undone.
+        self._will_topic = will_topic
+        self._subscriptions = [*subscriptions, will_topic]
         self._on_message = on_message
         self._on_connect = on_connect
         self._retained: dict[str, bytes] = {}
@@ -87,7 +102,9 @@ class MqttLink:
         self._connected = False
         self._stopped = False
         self._refused = False
-        self._last_problem: str | None = None
+        # Per broker: during an outage of several the warnings alternate, which must not
+        # make each of them new again.
+        self._last_problem: dict[int, str] = {}
         self.connected = threading.Event()
         """Set while connected to the broker (other threads may wait on it)."""
         self.messages_sent = 0
@@ -130,7 +147,7 @@ class MqttLink:
                     f"mqtt.tls: cannot load ca_certs/certfile/keyfile: {getattr(exc, 'reason', None) or exc}"
                 ) from None
             client.tls_insecure_set(tls.insecure)
-        client.will_set(will_topic, b"offline", qos=1, retain=True)
+        client.will_set(will_topic, _WILL, qos=1, retain=True)
         # No in-flight window: with paho's default 20, close()'s final QoS 1 offline burst
         # (one per meter) takes a round trip per 20 meters and misses its 2 s.
         client.max_inflight_messages_set(0)
@@ -152,8 +169,13 @@ class MqttLink:
         reconnects follow until close()."""
         self._loop = loop
         self._thread = threading.get_ident()
-        logger.info("connecting to MQTT broker %s", self.broker)
-        self._client.connect_async(self._host, self._port, keepalive=self._keepalive)
+        if len(self._brokers) == 1:
+            logger.info("connecting to MQTT broker %s", self.broker)
+        else:
+            logger.info(
+                "connecting to MQTT brokers %s (the first that accepts, then round robin)",
+                ", ".join(host_port(*broker) for broker in self._brokers),
+            )
         self._keeper = loop.create_task(self._keep_connected(), name="mqtt-connect")
         self._misc = loop.call_later(1.0, self._tick)
 
@@ -200,11 +222,19 @@ class MqttLink:
         self.connected.clear()
 
     async def _keep_connected(self) -> None:
-        """Connect, and again after every loss, 1 s after it and doubling up to 30 s while
-        attempts fail (paho's own loop does the same, which this one replaces)."""
+        """Connect, and again after every loss: to the next broker of the list each time
+        (round robin), a moment apart; once every broker was tried since the last
+        connection (one with one broker), 1 s later and doubling up to 30 s while they all
+        fail (paho's own loop does the same for one broker; this one replaces it)."""
         loop = asyncio.get_running_loop()
         delay = _MIN_DELAY
+        tried = 0  # brokers tried since the last connection, the one it was on included
         while not self._stopped:
+            host, port = self._brokers[self._node]
+            self.broker = host_port(host, port)
+            # connect_async() only stores the address (and closes paho's socket, if one is
+            # left): paho's public way to aim the next reconnect() elsewhere.
+            self._client.connect_async(host, port, keepalive=self._keepalive)
             self._down.clear()
             try:
                 # Blocking inside paho (lookup, TCP, TLS handshake): a thread's.
@@ -219,8 +249,14 @@ class MqttLink:
                 if self._stopped:
                     return
                 if self._was_up:
-                    delay = _MIN_DELAY
+                    delay, tried = _MIN_DELAY, 0
             self._was_up = False
+            self._node = (self._node + 1) % len(self._brokers)
+            tried += 1
+            if tried < len(self._brokers):
+                await asyncio.sleep(_NEXT_DELAY)  # the next broker of this round
+                continue
+            tried = 0
             await asyncio.sleep(delay)
             delay = min(delay * 2, _MAX_DELAY)
 
@@ -433,10 +469,21 @@ class MqttLink:
         self._unsent.clear()
         self._send_retained(list(self._retained.items()))
         self.connected.set()
-        self._last_problem = None
-        logger.info(
-            "connected to MQTT broker %s; republished %d retained topics", self.broker, len(self._retained)
-        )
+        self._last_problem.pop(self._node, None)
+        if self._node != self._last_node:
+            # Once per change of broker, naming it; a reconnect to the same one does not.
+            self._last_node = self._node
+            where = f" ({self._node + 1} of {len(self._brokers)})" if len(self._brokers) > 1 else ""
+            logger.info(
+                "connected to MQTT broker %s%s; republished %d retained topics",
+                self.broker,
+                where,
+                len(self._retained),
+            )
+        else:
+            logger.info(
+                "reconnected to the same MQTT broker; republished %d retained topics", len(self._retained)
+            )
         if self._on_connect is not None:
             self._on_connect()
 
@@ -476,10 +523,29 @@ class MqttLink:
             )
 
     def _handle_message(self, client: paho.Client, userdata: object, message: paho.MQTTMessage) -> None:
+        if message.topic == self._will_topic:
+            self._will_seen(bytes(message.payload), bool(message.retain))
+            return
         try:
             self._on_message(message.topic, bytes(message.payload), bool(message.retain))
         except Exception:  # a bug in a handler must not cost the messages after it
             logger.exception("error handling a message on %s", message.topic)
+
+    def _will_seen(self, payload: bytes, retain: bool) -> None:
+        """A message on the will topic: an `offline` that arrives live while connected is
+        a last will of an earlier connection (the retained one sent on subscribing is older
+        than the replay that follows it): the remembered state goes out again."""
+        remembered = self._retained.get(self._will_topic)
+        if retain or payload != _WILL or not self._connected or self._stopped or remembered in (None, _WILL):
+            return
+        assert remembered is not None
+        logger.info(
+            "the last will of an earlier connection said offline on %s; published %r again",
+            self._will_topic,
+            remembered.decode(errors="replace"),
+        )
+        self._client.publish(self._will_topic, remembered, qos=max(self._qos, 1), retain=True)
+        self.messages_sent += 1
 
     def _handle_publish(
         self, client: paho.Client, userdata: object, mid: int, reason: ReasonCode, properties: object
@@ -489,10 +555,11 @@ class MqttLink:
             done.set_result(None)
 
     def _problem(self, text: str) -> None:
-        # Once per change of state; repeats go to debug so a long outage does not flood.
-        if text != self._last_problem:
+        # Once per change of state (per broker); repeats go to debug so a long outage does
+        # not flood.
+        if text != self._last_problem.get(self._node):
             logger.warning("%s", text)
-            self._last_problem = text
+            self._last_problem[self._node] = text
         else:
             logger.debug("%s", text)
 
@@ -522,7 +589,11 @@ async def _in_daemon_thread(loop: asyncio.AbstractEventLoop, call: Callable[[], 
     return await future
 
 
+_WILL = b"offline"  # the last will's payload
 _MIN_DELAY = 1.0  # seconds before the first reconnect attempt
+# Seconds between two brokers of one round: failing over is at once, and a pair of nodes
+# that both drop the bridge right after its CONNACK cannot make it spin.
+_NEXT_DELAY = 0.2
 _MAX_DELAY = 30.0  # the longest wait between attempts
 
 # The reason paho gives on_disconnect when nothing came back within the keepalive.

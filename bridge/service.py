@@ -19,7 +19,7 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TypeVar
@@ -56,6 +56,7 @@ from .mqtt import MqttLink
 from .readings import Snapshot, parse_body
 from .schedule import Scheduler
 from .shard import owner
+from .stale import StaleScan, scan_subscription
 from .status import Histogram, Rate, available, health_payload, request_result
 from .topics import (
     OFFLINE,
@@ -150,8 +151,9 @@ class Bridge:
         devices: tuple[DeviceSettings, ...] | list[DeviceSettings],
         mqtt: MqttSettings,
         *,
-        host: str,
-        port: int,
+        host: str | None = None,
+        port: int | None = None,
+        brokers: Sequence[tuple[str, int]] | None = None,
         homeassistant: HomeAssistantSettings | None = None,
         publish: PublishSettings | None = None,
         http: HttpSettings | None = None,
@@ -170,7 +172,10 @@ class Bridge:
         for device in mine:
             client = MeterClient(device.url, device.id, device.pin.get_secret_value(), timeout=device.timeout)
             meter = Meter(
-                device, client, MeterTopics(self.base, device.segment), RelayCommands(device.poll_interval)
+                device,
+                client,
+                MeterTopics(self.base, device.segment, publish.output),
+                RelayCommands(device.poll_interval),
             )
             if publish.mode == "on_change":
                 meter.changes = ChangeFilter(publish.heartbeat)
@@ -179,13 +184,25 @@ class Bridge:
         subscriptions = [command_subscription(self.base)]
         # Home Assistant's device page links to the status page, where one is served.
         page = http.public_url if http is not None and http.port is not None else None
-        discovery = Discovery(homeassistant.prefix, self.base, __version__, page, shard.node)
+        discovery = Discovery(
+            homeassistant.prefix,
+            self.base,
+            __version__,
+            page,
+            output=publish.output,
+            bridge_node=shard.node,
+        )
         if homeassistant.discovery:
             subscriptions.append(discovery.status_topic)
+        # One broker (host, port; the port defaults to mqtt.port), or the list to fail over
+        # along, or else the ones `mqtt` names.
+        if host is not None:
+            if brokers is not None:
+                raise TypeError("Bridge takes host (and port) or brokers, not both")
+            brokers = ((host, mqtt.port if port is None else port),)
         self.link = MqttLink(
             mqtt,
-            host=host,
-            port=port,
+            brokers=mqtt.brokers if brokers is None else brokers,
             will_topic=self._availability,
             subscriptions=subscriptions,
             on_message=self._on_message,
@@ -202,6 +219,11 @@ class Bridge:
             else None
         )
         self.health_topic = bridge_health(self.base, shard.node)
+        self.output = publish.output
+        # The other outputs' retained topics, looked for once, at the first connect (stale.py).
+        self._stale_pending = scan_subscription(self.base, self.output) is not None
+        self._stale: StaleScan | None = None
+        self._stale_handle: asyncio.TimerHandle | None = None
         self.lags: list[float] | None = None
         """Set to a list to record, for every request, its start minus its planned time (s)."""
         self._schedule: Scheduler[str] = Scheduler()
@@ -349,6 +371,8 @@ class Bridge:
             self._wake.cancel()
         if self._tick_handle is not None:
             self._tick_handle.cancel()
+        if self._stale_handle is not None:
+            self._stale_handle.cancel()
         for meter in self._meters.values():
             if meter.exchange is not None:
                 meter.exchange.abort()  # nothing waits for a dead meter
@@ -566,10 +590,13 @@ class Bridge:
         forgotten = meter.keys.update([*(r.key for r in snap.readings), *snap.rejected])
         if forgotten:
             self._forget(meter, forgotten)
-        messages = state_messages(meter.topics, snap, relay)
+        topics = meter.topics
+        messages = state_messages(topics, snap, relay)
         if meter.changes is not None:
             messages = meter.changes.select(
-                messages, time.monotonic(), {meter.topics.state: state_fingerprint(snap)}
+                messages,
+                time.monotonic(),
+                {topics.state: state_fingerprint(snap)} if topics.state_json else None,
             )
         if self._ha is not None:
             self._ha.read(meter, snap)
@@ -637,16 +664,52 @@ class Bridge:
     def _on_message(self, topic: str, payload: bytes, retain: bool) -> None:
         if command_segment(self.base, topic) is not None:
             self._command(topic, payload, retain)
+        elif self._stale is not None and self._stale.message(topic, payload, retain, time.monotonic()):
+            pass  # the stale-topic scan's (B/+/+), nobody else's
         elif self._ha is not None and self._ha.wants(topic):
             self._ha.message(topic, payload, retain, time.monotonic())
             self._arm(time.monotonic())
         # else: not ours (some brokers push other clients' retained topics at us)
 
     def _connected(self) -> None:
-        """The link (re)connected and replayed the remembered state: add the configs."""
+        """The link (re)connected and replayed the remembered state: add the configs; at
+        the first connect, look for the other outputs' retained topics."""
+        if self._stale_pending:
+            self._stale_pending = False
+            now = time.monotonic()
+            scan = self._stale = StaleScan(self.base, self.output, self._meters, now)
+            self.link.subscribe([scan.subscription])
+            assert self._loop is not None
+            self._stale_handle = self._loop.call_at(scan.due(), self._stale_check)
         if self._ha is not None:
             self._ha.connected(time.monotonic())
             self._arm(time.monotonic())
+
+    def _stale_check(self) -> None:
+        """The stale-topic scan's time is up, unless retained messages still arrive: clear
+        what it found (see stale.py)."""
+        scan = self._stale
+        assert scan is not None and self._loop is not None
+        now = time.monotonic()
+        if now < scan.due():
+            self._stale_handle = self._loop.call_at(scan.due(), self._stale_check)
+            return
+        self._stale = self._stale_handle = None
+        self.link.unsubscribe([scan.subscription])
+        found = scan.end()
+        if found:
+            # Not remembered: nothing of this output lives on these topics.
+            self.link.publish_volatile([(topic, b"") for topic in found])
+            self.link.write_now()
+        logger.log(
+            logging.INFO if found else logging.DEBUG,
+            "cleared %d retained topic(s) that publish.output %s does not publish"
+            " (scanned %d retained message(s) in %.1f s)",
+            len(found),
+            self.output,
+            scan.retained,
+            scan.seconds(now),
+        )
 
     def _command(self, topic: str, payload: bytes, retain: bool) -> None:
         """A command for a meter's relay."""

@@ -11,14 +11,22 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Literal
 
 from .readings import Snapshot
 
 ONLINE = b"online"
 OFFLINE = b"offline"
 
-# Sub-topics of a meter that a data key must not shadow (B/D/<key> would land on them).
-_RESERVED_KEYS = frozenset({"state", "relay", "availability"})
+Output = Literal["attribute_and_json", "json", "attribute"]
+"""`publish.output`, zigbee2mqtt's `output`: which of B/D/KEY... and B/D/state a read
+publishes (B/D/relay and B/D/availability always)."""
+ATTRIBUTE_AND_JSON: Output = "attribute_and_json"
+JSON: Output = "json"
+ATTRIBUTE: Output = "attribute"
+
+#: Sub-topics of a meter that a data key must not shadow (B/D/<key> would land on them).
+RESERVED_KEYS = frozenset({"state", "relay", "availability"})
 #: The longest topic level (a data key, a meter's segment): no real key comes near this,
 #: and with it base + segment + key stay far below MQTT's 65535 bytes per topic.
 MAX_LEVEL = 256
@@ -46,7 +54,7 @@ def valid_key(key: str) -> bool:
     """Can this data key be its own topic level under B/D/?
 
     A valid topic level (see valid_level) that is not a sub-topic of the meter."""
-    return key not in _RESERVED_KEYS and valid_level(key)
+    return key not in RESERVED_KEYS and valid_level(key)
 
 
 def valid_level(level: str) -> bool:
@@ -77,10 +85,15 @@ def _refused(code: int) -> bool:
 
 @dataclass(slots=True)
 class MeterTopics:
-    """The topics of one meter under B/D/."""
+    """The topics of one meter under B/D/, as `output` lays them out."""
 
     base: str
     segment: str
+    output: Output = ATTRIBUTE_AND_JSON
+    per_key: bool = field(init=False)
+    """B/D/KEY for each reading (not in `json`)."""
+    state_json: bool = field(init=False)
+    """B/D/state (not in `attribute`)."""
     prefix: str = field(init=False)
     availability: str = field(init=False)
     state: str = field(init=False)
@@ -90,6 +103,8 @@ class MeterTopics:
     _keys: dict[str, str | None] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.per_key = self.output != JSON
+        self.state_json = self.output != ATTRIBUTE
         self.prefix = meter_topic(self.base, self.segment, "")
         self.availability = self.prefix + "availability"
         self.state = self.prefix + "state"
@@ -98,7 +113,10 @@ class MeterTopics:
         self.relay_result = self.prefix + "relay/result"
 
     def key(self, key: str) -> str | None:
-        """B/D/KEY, or None for a key that cannot be its own topic (see valid_key)."""
+        """B/D/KEY, or None for a key that cannot be its own topic (see valid_key) and in
+        `json` output, which publishes none (nothing is built or cached then)."""
+        if not self.per_key:
+            return None
         try:
             return self._keys[key]
         except KeyError:
@@ -106,9 +124,10 @@ class MeterTopics:
             return topic
 
     def forget(self, key: str) -> str | None:
-        """Drop the key's cached topic (see keyset.py); its topic, or None if it has none."""
+        """Drop the key's cached topic (see keyset.py); its topic, or None if it has none
+        (in `json` output no key has one: there is nothing to clear)."""
         self._keys.pop(key, None)
-        return self.prefix + key if valid_key(key) else None
+        return self.prefix + key if self.per_key and valid_key(key) else None
 
 
 def meter_topic(base: str, segment: str, leaf: str) -> str:
@@ -145,16 +164,31 @@ def command_segment(base: str, topic: str) -> str | None:
 
 
 def state_messages(topics: MeterTopics, snap: Snapshot, relay: Relay) -> list[tuple[str, bytes]]:
-    """Every retained message one good read produces: B/D/KEY..., B/D/state, B/D/relay."""
+    """Every retained message one good read produces, as topics.output lays them out:
+    B/D/KEY... (not in `json`), B/D/state (not in `attribute`), B/D/relay.
+
+    The hot path (hundreds of polls a second): the default output runs the one loop it
+    always ran; `json` builds no per-key topic, `attribute` no state object."""
     messages: list[tuple[str, bytes]] = []
-    state: dict[str, object] = {}
-    key_topic = topics.key
-    for reading in snap.readings:
-        key = reading.key
-        topic = key_topic(key)
-        if topic is not None:
-            messages.append((topic, reading.text.encode()))
-        state[key] = reading.value
+    state: dict[str, object]
+    if topics.per_key:
+        key_topic = topics.key
+        if not topics.state_json:
+            for reading in snap.readings:
+                topic = key_topic(reading.key)
+                if topic is not None:
+                    messages.append((topic, reading.text.encode()))
+            messages.append((topics.relay, relay.value.encode()))
+            return messages
+        state = {}
+        for reading in snap.readings:
+            key = reading.key
+            topic = key_topic(key)
+            if topic is not None:
+                messages.append((topic, reading.text.encode()))
+            state[key] = reading.value
+    else:
+        state = {reading.key: reading.value for reading in snap.readings}
     # The envelope fields win over any data key of the same name.
     state["devid"] = snap.devid
     state["time"] = snap.time

@@ -99,6 +99,112 @@ def test_empty_host_from_environment_means_embedded(monkeypatch: pytest.MonkeyPa
     assert load_settings().mqtt.host is None
 
 
+# Broker failover (issue 11): mqtt.host is one broker or a list, `host`, `host:port`,
+# `[v6]:port`, `[v6]` or a bare IPv6 address (no port); no port: mqtt.port.
+@pytest.mark.parametrize(
+    ("text", "brokers"),
+    [
+        ("mqtt: {host: broker.lan}", (("broker.lan", 1999),)),
+        ("mqtt: {host: 'broker.lan:1884'}", (("broker.lan", 1884),)),
+        ("mqtt: {host: '::1'}", (("::1", 1999),)),
+        ("mqtt: {host: '[::1]'}", (("::1", 1999),)),
+        ("mqtt: {host: '[::1]:1884'}", (("::1", 1884),)),
+        ("mqtt: {host: 'fe80::1%eth0'}", (("fe80::1%eth0", 1999),)),
+        ("mqtt: {host: [a, 'b:1884']}", (("a", 1999), ("b", 1884))),
+        ("mqtt: {host: ['[::1]:1885', '::1', 10.0.0.2]}", (("::1", 1885), ("::1", 1999), ("10.0.0.2", 1999))),
+        ("mqtt:\n  host:\n    - a\n    - 'b:1884'\n", (("a", 1999), ("b", 1884))),
+        ("mqtt: {host: 'a,b:1884'}", (("a", 1999), ("b", 1884))),
+        ("mqtt: {host: [a]}", (("a", 1999),)),
+        ("mqtt: {host: []}", ()),
+        ("mqtt: {host: ''}", ()),
+        ("mqtt: {host: null}", ()),
+        ("mqtt: {}", ()),
+    ],
+)
+def test_broker_lists_from_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str, brokers: tuple[tuple[str, int], ...]
+) -> None:
+    monkeypatch.setenv("SMARTMAC_MQTT__PORT", "1999")
+    settings = load_settings(write(tmp_path, text))
+    assert settings.mqtt.brokers == brokers
+    # No broker is the embedded one's case, as before.
+    assert (settings.mqtt.host is None) == (not brokers)
+
+
+@pytest.mark.parametrize(
+    ("value", "brokers"),
+    [
+        ('["a", "b:1884"]', (("a", 1999), ("b", 1884))),  # JSON, as for SMARTMAC_DEVICES
+        ('["[::1]:1885", "::1"]', (("::1", 1885), ("::1", 1999))),
+        ("a,b:1884", (("a", 1999), ("b", 1884))),  # the short form
+        (" a , [::1]:1885 ,::1 ", (("a", 1999), ("::1", 1885), ("::1", 1999))),
+        ("broker.lan", (("broker.lan", 1999),)),
+        ("broker.lan:1884", (("broker.lan", 1884),)),
+        ("::1", (("::1", 1999),)),
+        ("[::1]:1884", (("::1", 1884),)),
+        ("", ()),
+        ("[]", ()),
+    ],
+)
+def test_broker_lists_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, value: str, brokers: tuple[tuple[str, int], ...]
+) -> None:
+    monkeypatch.setenv("SMARTMAC_MQTT__HOST", value)
+    monkeypatch.setenv("SMARTMAC_MQTT__PORT", "1999")
+    settings = load_settings()
+    assert settings.mqtt.brokers == brokers
+    assert (settings.mqtt.host is None) == (not brokers)
+
+
+def test_the_environment_list_wins_over_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SMARTMAC_MQTT__HOST", "a:1,b:2")
+    assert load_settings(write(tmp_path, GOOD)).mqtt.brokers == (("a", 1), ("b", 2))
+
+
+# "zq" marks the value, which the message must not echo.
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("zq,", "entry 2 of 2: empty entry"),
+        ("zq, ,zq", "entry 2 of 3: empty entry"),
+        ('["zq", ""]', "entry 2 of 2: empty entry"),
+        ('["zq", 1883]', "entry 2 of 2: must be text"),
+        ('{"zq": 1}', "must be a host, host:port, or a list of them"),
+        ("1883", "must be a host, host:port, or a list of them"),  # JSON: a number
+        ("zq:0", "port must be a number from 1 to 65535"),
+        ("zq:65536", "port must be a number from 1 to 65535"),
+        ("zq:", "port must be a number from 1 to 65535"),
+        ("zq:x", "port must be a number from 1 to 65535"),
+        ("zq:1" + "0" * 5000, "port must be a number from 1 to 65535"),
+        ("zq,zq:99999", "entry 2 of 2: port must be"),
+        ("[::1]:0", "port must be a number from 1 to 65535"),
+        (":1883", "no host name"),
+        ("zq\tzq", "must not contain spaces, control characters"),
+        ("zq zq", "must not contain spaces"),
+        ("zq\x7f", "must not contain spaces, control characters"),
+        ("zq\udcff", "must not contain spaces, control characters"),
+        ("mqtt://zq", "give host or host:port only"),
+        ("zq/zq", "give host or host:port only"),
+        ("user@zq", "give host or host:port only"),
+        ("[zq]:1883", "brackets hold an IPv6 address"),
+        ("[::1:1883", "brackets hold an IPv6 address"),
+        ("[::1]zq", "give \\[address\\]:port"),
+        ("zq:zq:1883", "an IPv6 address with a port is written"),
+    ],
+)
+def test_bad_broker_entries_name_mqtt_host(monkeypatch: pytest.MonkeyPatch, value: str, message: str) -> None:
+    monkeypatch.setenv("SMARTMAC_MQTT__HOST", value)
+    with pytest.raises(ConfigError, match=rf"\n  mqtt\.host: {message}") as info:
+        load_settings()
+    assert "zq" not in str(info.value)
+
+
+def test_a_bad_broker_entry_in_the_file_names_mqtt_host(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"\n  mqtt\.host: entry 3 of 3: port must be") as info:
+        load_settings(write(tmp_path, "mqtt: {host: [zq, 'zq:1884', 'zq:0']}"))
+    assert "zq" not in str(info.value)
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [

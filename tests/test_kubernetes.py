@@ -16,9 +16,8 @@ from typing import Any
 
 import pytest
 import yaml
-from pydantic import ValidationError
 
-from bridge.config import MqttSettings, PublishSettings, Settings, load_settings
+from bridge.config import Settings, load_settings
 from bridge.errors import ConfigError
 from bridge.service import STOP_TIMEOUT
 from bridge.web import HEALTHY_WITHIN
@@ -226,50 +225,17 @@ def test_service_links_would_stop_the_bridge(monkeypatch: pytest.MonkeyPatch) ->
 # --- the Secret's config, as the bridge loads it -------------------------------------------
 
 
-def _has_shards() -> bool:
-    return "shard" in Settings.model_fields
-
-
-def _has_output() -> bool:
-    return "output" in PublishSettings.model_fields
-
-
-def _has_broker_list() -> bool:
-    try:
-        MqttSettings.model_validate({"host": ["127.0.0.1", "127.0.0.1:1884"]})
-    except ValidationError:
-        return False
-    return True
-
-
-def _missing_features() -> list[str]:
-    """The issue-11 features the example config uses that this code does not have yet."""
-    return [
-        name
-        for name, present in (
-            ("shard", _has_shards()),
-            ("publish.output", _has_output()),
-            ("mqtt.host as a list", _has_broker_list()),
-        )
-        if not present
-    ]
-
-
 def _secret_config() -> dict[str, Any]:
     config = yaml.safe_load(SECRET["stringData"]["config.yaml"])
     assert isinstance(config, dict)
     return config
 
 
-def _load_in_pod(
-    config: dict[str, Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path, *, shards: bool
-) -> Settings:
+def _load_in_pod(config: dict[str, Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Settings:
     """load_settings as the pod POD runs it: the StatefulSet's environment, its host name."""
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     for name, value in ENV.items():
-        if name.startswith("SMARTMAC_SHARD__") and not shards:
-            continue
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("SMARTMAC_CONFIG", str(path))  # the mounted file, here
     # In a pod the host name is the pod name; the shard index is read from it.
@@ -280,16 +246,7 @@ def _load_in_pod(
 def test_secret_config_loads_with_the_statefulsets_environment(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    config = _secret_config()
-    # Until the shard, output and broker-list branches are merged, load what this code knows:
-    # every other key is still checked.
-    if not _has_output():
-        del config["publish"]["output"]
-        if not config["publish"]:
-            del config["publish"]
-    if not _has_broker_list():
-        config["mqtt"]["host"] = config["mqtt"]["host"][0]
-    settings = _load_in_pod(config, monkeypatch, tmp_path, shards=_has_shards())
+    settings = _load_in_pod(_secret_config(), monkeypatch, tmp_path)
     assert settings.http.port == HTTP_PORT["containerPort"]
     assert settings.http.host == "0.0.0.0"
     assert settings.http.password is not None  # what makes 0.0.0.0 allowed
@@ -303,11 +260,9 @@ def test_secret_config_loads_with_the_statefulsets_environment(
 def test_secret_config_makes_each_pod_one_shard_of_a_broker_cluster(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    missing = _missing_features()
-    if missing:
-        pytest.skip(f"needs issue 11's {', '.join(missing)} (other branches, not merged here)")
-    settings: Any = _load_in_pod(_secret_config(), monkeypatch, tmp_path, shards=True)
+    settings = _load_in_pod(_secret_config(), monkeypatch, tmp_path)
     assert settings.shard.count == STS["spec"]["replicas"]
     assert settings.shard.index == int(POD.rsplit("-", 1)[1])
+    assert settings.shard.node == "bridge-1"
     assert settings.publish.output == "json"
-    assert len(_secret_config()["mqtt"]["host"]) == 3
+    assert len(settings.mqtt.brokers) == 3
