@@ -165,22 +165,6 @@ def offline(message: Message) -> bool:
     return message.payload == b"offline"
 
 
-def _failover() -> bool:
-    """TEMPORARY: whether this bridge takes a list in mqtt.host (broker failover)."""
-    from pydantic import ValidationError
-
-    from bridge.config import MqttSettings
-
-    try:
-        MqttSettings(host=["127.0.0.1:1", "127.0.0.1:2"])  # type: ignore[arg-type]
-    except ValidationError:
-        return False
-    return True
-
-
-FAILOVER = _failover()
-
-
 def write_shard_config(path: Path, cluster: NatsCluster, sim: Simulator, meters: list[SimMeter]) -> None:
     """The one config file every shard reads, in YAML; the broker list is every node, n0 first."""
     devices = [
@@ -194,14 +178,12 @@ def write_shard_config(path: Path, cluster: NatsCluster, sim: Simulator, meters:
         }
         for m in meters
     ]
-    mqtt: dict[str, object] = {"client_id": CLIENT_ID, "base_topic": BASE, "qos": 1}
-    if FAILOVER:
-        mqtt["host"] = cluster.addresses()
-    else:  # TEMPORARY until broker failover lands on main: one node
-        mqtt["host"], mqtt["port"] = LOOPBACK, cluster.nodes[0].mqtt_port
+    mqtt = {"host": cluster.addresses(), "client_id": CLIENT_ID, "base_topic": BASE, "qos": 1}
     config = {
         "mqtt": mqtt,
         "homeassistant": {"discovery": False},
+        # README's mode for a cluster: a tenth of the retained messages, each a JetStream write.
+        "publish": {"output": "json"},
         "shard": {"count": SHARDS},
         "devices": devices,
     }
@@ -214,8 +196,6 @@ def shard_environment(cluster: NatsCluster, index: int) -> dict[str, str]:
     YAML list, shard 1 gets a JSON list, shard 2 the comma-separated one)."""
     env = {"SMARTMAC_SHARD__INDEX": str(index)}
     addresses = cluster.addresses(first=index)
-    if not FAILOVER:  # TEMPORARY until broker failover lands on main: one node per shard
-        return {**env, "SMARTMAC_MQTT__PORT": str(cluster.nodes[index].mqtt_port)}
     if index % 3 == 1:
         env["SMARTMAC_MQTT__HOST"] = json.dumps(addresses)
     elif index % 3 == 2:

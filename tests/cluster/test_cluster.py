@@ -16,7 +16,7 @@ import pytest
 from bench.support import gaps, wait_until
 from bridge.simulator import SimMeter
 from cluster.natskit import (
-    FAILOVER,
+    BASE,
     SHARDS,
     Fleet,
     availability,
@@ -57,7 +57,12 @@ def test_every_meter_state_is_readable_on_every_node(fleet: Fleet) -> None:
         for meter in fleet.meters:
             message = probe.wait_for(state_topic(meter), lambda m: m.retain)
             state = message.json()
-            assert isinstance(state, dict) and state, (node, meter.devid)
+            assert isinstance(state, dict) and state["devid"] == meter.devid, (node, meter.devid)
+            assert isinstance(state["V1"], float) and state["relay"] in ("ON", "OFF")
+        # publish.output json: no B/D/KEY retained anywhere in the cluster, only these.
+        probe.sync(BASE)
+        kinds = {m.topic.split("/", 2)[2] for m in probe.messages if m.retain and "/bridge" not in m.topic}
+        assert kinds == {"state", "relay", "availability"}, (node, kinds)
         probe.stop()
 
 
@@ -116,12 +121,6 @@ def test_killed_shard_goes_offline_and_comes_back(fleet: Fleet) -> None:
     fleet.assert_no_early_request()
 
 
-@pytest.mark.xfail(
-    not FAILOVER,
-    reason="TEMPORARY: broker failover (mqtt.host lists) not on main yet",
-    run=False,
-    strict=False,
-)
 def test_killing_a_node_moves_its_shard_and_states_go_on(fleet: Fleet) -> None:
     mover = 0
     node = fleet.node_of(mover)
