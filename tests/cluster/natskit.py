@@ -101,10 +101,34 @@ class Fleet:
         return [m for m in self.meters if self.owners[m.devid] == index]
 
     def probe(self, node: int, topic: str = f"{BASE}/#") -> Probe:
-        """A QoS 1 subscriber on node `node` (retained messages come from JetStream)."""
+        """A QoS 1 subscriber on node `node` (retained messages come from JetStream), which
+        the other running nodes know of: a SUBACK comes before the subscription has reached
+        the other nodes over the routes, and until it has, what is published there (a last
+        will, say) is not sent to it. So a marker is published on each other node until it
+        arrives."""
         probe = Probe(self.cluster.nodes[node].mqtt_port, topic).start()
         self.probes.append(probe)
+        for other in self.cluster.nodes:
+            if other.index != node and other.running:
+                self._reaches(probe, other.index)
         return probe
+
+    def _reaches(self, probe: Probe, node: int, timeout: float = 10) -> None:
+        marker = f"{BASE}/probe-sync-{uuid.uuid4().hex[:8]}"
+        sender = Probe(self.cluster.nodes[node].mqtt_port, marker).start()
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                mark = probe.mark()
+                sender.publish(marker, b"sync")
+                try:
+                    probe.wait_for(marker, timeout=0.5, after=mark)
+                    return
+                except AssertionError:
+                    if time.monotonic() > deadline:
+                        raise AssertionError(f"a subscriber's interest not on node {node}") from None
+        finally:
+            sender.stop()
 
     def publish(self, node: int, topic: str, payload: bytes) -> None:
         """One QoS 1 message, not retained, from a client of its own on node `node`."""
