@@ -26,8 +26,19 @@ as the clients saw them (/api/meters and /metrics: median and max, to the last b
 body sizes, the page client's CPU and the page's last render; the HTTP cost is the
 difference of the bridge's CPU between the two rows (`http_cpu_pct_delta`).
 
+With --shards N (issue 11) the same fleet then runs over N bridge processes sharing one
+device list (`shard: {count: N, index: i}`; row `N shards`, after the one-instance row
+`bridge` on the same broker): the figures in total, and per shard in the JSON (`shards`).
+`--broker nats` runs a 3-node nats-server cluster (JetStream, MQTT) instead of mosquitto:
+shard i starts on node i (its `mqtt.host` the node list from there), the counting
+subscriber and the relay commands use the last node, so every state and every command
+crosses the cluster; `states_seen` counts the meters whose B/D/relay (sent in every
+--output mode) reached that subscriber in the window. `shard_cpu_per_poll_ratio` is the
+shards' summed CPU per poll over the one instance's.
+
     python bench/fleet.py --meters 2000 --seconds 60
     python bench/fleet.py --meters 2000 --seconds 60 --http
+    python bench/fleet.py --meters 2000 --seconds 60 --shards 2 --broker nats --output json
     python bench/fleet.py --meters 2000 --seconds 60 --peer node-red
     python bench/fleet.py --meters 2000 --seconds 60 --peer floor
 """
@@ -138,6 +149,34 @@ def start_mosquitto(tmp: Path) -> tuple[Proc, int]:
     return Proc("mosquitto", broker.process), broker.port
 
 
+@dataclass
+class Brokers:
+    """The broker of one row: mosquitto, or the nodes of a nats cluster."""
+
+    procs: list[Proc]
+    ports: list[int]
+    stop: Callable[[], object]
+
+    def rotated(self, first: int) -> list[int]:
+        """The node ports for a client that starts on node `first` (round robin from there)."""
+        n = len(self.ports)
+        return [self.ports[(first + k) % n] for k in range(n)]
+
+
+def start_brokers(tmp: Path, kind: str) -> Brokers:
+    if kind == "mosquitto":
+        proc, port = start_mosquitto(tmp)
+        return Brokers([proc], [port], proc.stop)
+    from bench.nats import NatsCluster
+
+    cluster = NatsCluster(tmp / "nats", 3).start()
+    procs = []
+    for node in cluster.nodes:
+        assert node.process is not None
+        procs.append(Proc(node.name, node.process))
+    return Brokers(procs, [node.mqtt_port for node in cluster.nodes], cluster.stop)
+
+
 def start_simulator(tmp: Path, args: argparse.Namespace, *, times: Path | None = None) -> tuple[Proc, int]:
     """bench/_simulator.py for args' fleet; with `times`, it writes arrival times there at exit."""
     port = free_port()
@@ -226,7 +265,9 @@ class Counter:
 class Commander:
     """Sends ON to each command meter once and times set -> B/D/relay ON."""
 
-    def __init__(self, port: int, segments: list[str], qos: int) -> None:
+    def __init__(self, port: int, segments: list[str], qos: int, *, sub_qos: int | None = None) -> None:
+        """`sub_qos`: of the subscriptions to B/D/relay (default max(qos, 1)); nats makes
+        a JetStream consumer per QoS 1 subscription, slow to set up for 50 of them."""
         self._segments = segments
         self._sent: dict[str, float] = {}
         self.round_trips: dict[str, float] = {}
@@ -234,13 +275,13 @@ class Commander:
         self._done = threading.Condition(self._lock)
         self._subscribed = threading.Event()
         client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-cmd-{uuid.uuid4().hex[:8]}")
-        topics = [(f"{BASE}/{s}/relay", max(qos, 1)) for s in segments]
+        topics = [(f"{BASE}/{s}/relay", max(qos, 1) if sub_qos is None else sub_qos) for s in segments]
         client.on_connect = lambda c, *a: c.subscribe(topics) if topics else self._subscribed.set()
         client.on_subscribe = lambda *a: self._subscribed.set()
         client.on_message = self._on_message
         client.connect(LOOPBACK, port)
         client.loop_start()
-        if not self._subscribed.wait(10):
+        if not self._subscribed.wait(30):
             raise RuntimeError("the command client could not subscribe")
         self._client = client
 
@@ -286,7 +327,13 @@ def _ms(values: list[float], pct: float) -> float | None:
 
 
 def bridge_config(
-    tmp: Path, args: argparse.Namespace, broker_port: int, sim_port: int, *, http_port: int | None = None
+    tmp: Path,
+    args: argparse.Namespace,
+    brokers: int | list[int],
+    sim_port: int,
+    *,
+    http_port: int | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> Path:
     main, fast = fleet(args.meters, args.commands, args.command_delay / 1000)
     host = f"{LOOPBACK}:{sim_port}"
@@ -302,15 +349,26 @@ def bridge_config(
         for i, m in enumerate(main)
     ]  # fmt: skip
     config: dict[str, Any] = {
-        "mqtt": {"host": LOOPBACK, "port": broker_port, "client_id": "bench-bridge",
-                 "base_topic": BASE, "qos": args.qos},
+        "mqtt": {"client_id": "bench-bridge", "base_topic": BASE, "qos": args.qos},
         "devices": devices,
     }  # fmt: skip
-    if args.publish is not None:
-        config["publish"] = {"mode": args.publish}
+    ports = [brokers] if isinstance(brokers, int) else brokers
+    if len(ports) == 1:
+        config["mqtt"].update(host=LOOPBACK, port=ports[0])
+    else:  # a cluster's nodes, mqtt.host as a list
+        config["mqtt"]["host"] = [f"{LOOPBACK}:{port}" for port in ports]
+    publish: dict[str, str] = {}
+    if getattr(args, "publish", None) is not None:
+        publish["mode"] = args.publish
+    if getattr(args, "output", None) is not None:
+        publish["output"] = args.output
+    if publish:
+        config["publish"] = publish
     if http_port is not None:
         config["http"] = {"port": http_port, "host": LOOPBACK}
-    path = tmp / "bridge.yaml"
+    if shard is not None:
+        config["shard"] = {"index": shard[0], "count": shard[1]}
+    path = tmp / (f"bridge-{shard[0]}.yaml" if shard is not None else "bridge.yaml")
     path.write_text(json.dumps(config))  # JSON is YAML
     return path
 
@@ -352,6 +410,44 @@ def _kb(size: int | None) -> float | None:
     return round(size / 1024, 1) if size is not None else None
 
 
+def row_shards(peer: str) -> int:
+    """How many bridge processes a row runs: `N shards` runs N, every other row one."""
+    return int(peer.split()[0]) if peer.endswith(" shards") else 1
+
+
+class StateWatcher:
+    """The meters whose B/D/relay (sent after every good read, in every output mode)
+    reached this subscriber since mark(): every state crossed the broker to here."""
+
+    def __init__(self, port: int, qos: int) -> None:
+        self._seen: set[str] = set()
+        self._marked = False
+        self._subscribed = threading.Event()
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-watch-{uuid.uuid4().hex[:8]}")
+        client.on_connect = lambda c, *a: c.subscribe(f"{BASE}/+/relay", qos)
+        client.on_subscribe = lambda *a: self._subscribed.set()
+        client.on_message = self._on_message
+        client.connect(LOOPBACK, port)
+        client.loop_start()
+        if not self._subscribed.wait(30):
+            raise RuntimeError("the state watcher could not subscribe")
+        self._client = client
+
+    def _on_message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
+        if self._marked and not msg.retain:
+            self._seen.add(msg.topic.split("/")[-2])
+
+    def mark(self) -> None:
+        self._marked = True
+
+    def seen(self) -> set[str]:
+        return set(self._seen)
+
+    def stop(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+
 def run_peer(peer: str, args: argparse.Namespace, log: Callable[[str], None]) -> Row:
     """Start everything for one peer, measure, stop everything; the figures."""
     row = Row(peer)
@@ -360,34 +456,55 @@ def run_peer(peer: str, args: argparse.Namespace, log: Callable[[str], None]) ->
         # The flow polls every meter at once, every interval: a window that is not a whole
         # number of intervals would count 4 bursts or 5 depending on where it falls.
         seconds = math.ceil(args.seconds / args.nr_interval - 1e-9) * args.nr_interval
-    tmp = Path(tempfile.mkdtemp(prefix=f"fleet-{peer}-"))
+    shards = row_shards(peer)
+    bridge_row = peer in BRIDGES or shards > 1
+    tmp = Path(tempfile.mkdtemp(prefix=f"fleet-{peer.replace(' ', '-')}-"))
     with ExitStack() as stack:
-        mosquitto, broker_port = start_mosquitto(tmp)
-        stack.enter_context(started(mosquitto))
+        brokers = start_brokers(tmp, args.broker)
+        stack.callback(brokers.stop)
+        # The clients that watch and command sit on the last node: with a cluster, every
+        # state and every command crosses it (the shards start on nodes 0, 1, ...).
+        watch_port = brokers.ports[-1]
         simulator, sim_port = start_simulator(tmp, args)
         stack.enter_context(started(simulator))
-        counter = Counter(broker_port, args.qos).start()
+        counter = Counter(watch_port, args.qos).start()
         stack.callback(counter.stop)
+        watcher = StateWatcher(watch_port, args.qos)
+        stack.callback(watcher.stop)
 
         commander: Commander | None = None
         segments = [f"cmd{i:03d}" for i in range(args.commands)]
         http_port = free_port() if peer == "bridge+http" else None
-        if peer in BRIDGES:
-            config = bridge_config(tmp, args, broker_port, sim_port, http_port=http_port)
-            out = tmp / "bridge-result.json"
-            command = [
-                sys.executable,
-                str(ROOT / "bench" / "_bridge.py"),
-                "--config",
-                str(config),
-                "--out",
-                str(out),
-                "--log-level",
-                os.environ.get("BENCH_LOG_LEVEL", "WARNING"),
-            ]
-            commander = Commander(broker_port, segments, args.qos)
+        targets: list[Proc] = []
+        outs: list[Path] = []
+        if bridge_row:
+            # Subscribed before the bridges start (and flood the broker with their configs).
+            commander = Commander(
+                watch_port, segments, args.qos, sub_qos=args.qos if args.broker == "nats" else None
+            )
             stack.callback(commander.stop)
-            target = spawn("bridge", command, tmp / "bridge.log")
+            for index in range(shards):
+                config = bridge_config(
+                    tmp,
+                    args,
+                    brokers.rotated(index % len(brokers.ports)),
+                    sim_port,
+                    http_port=http_port,
+                    shard=(index, shards) if shards > 1 else None,
+                )
+                outs.append(tmp / f"bridge-result-{index}.json")
+                command = [
+                    sys.executable,
+                    str(ROOT / "bench" / "_bridge.py"),
+                    "--config",
+                    str(config),
+                    "--out",
+                    str(outs[-1]),
+                    "--log-level",
+                    os.environ.get("BENCH_LOG_LEVEL", "WARNING"),
+                ]
+                name = f"bridge-{index}" if shards > 1 else "bridge"
+                targets.append(stack.enter_context(started(spawn(name, command, tmp / f"{name}.log"))))
             expected = args.meters / INTERVAL
         elif peer == "floor":
             command = [
@@ -400,20 +517,19 @@ def run_peer(peer: str, args: argparse.Namespace, log: Callable[[str], None]) ->
                 "--interval",
                 str(INTERVAL),
             ]
-            target = spawn("floor", command, tmp / "floor.log")
+            targets.append(stack.enter_context(started(spawn("floor", command, tmp / "floor.log"))))
             expected = args.meters / INTERVAL
         else:
             main, _ = fleet(args.meters, 0, 0.0)
             flow = nodered.bench_flow(
                 simulator_port=sim_port, meters=[(m.devid, m.pin) for m in main],
-                broker_port=broker_port, interval=args.nr_interval, qos=args.qos,
+                broker_port=brokers.ports[0], interval=args.nr_interval, qos=args.qos,
             )  # fmt: skip
             red = nodered.NodeRed(flow, tmp / "node-red")
             red.start()
             assert red.process is not None  # start() returned: it runs
-            target = Proc("node-red", red.process)
+            targets.append(stack.enter_context(started(Proc("node-red", red.process))))
             expected = args.meters / args.nr_interval
-        stack.enter_context(started(target))
         warm_until = time.monotonic() + args.warmup
         log(f"{peer}: started; warming up {args.warmup:g} s")
 
@@ -429,14 +545,17 @@ def run_peer(peer: str, args: argparse.Namespace, log: Callable[[str], None]) ->
             time.sleep(pause)  # measuring a window of time: nothing to wait on
         else:
             log(f"{peer}: the page client took {-pause:.1f} s longer than the warm-up")
-        if target.popen.poll() is not None:
-            raise RuntimeError(f"{peer} exited early; see {tmp}")
+        for target in targets:
+            if target.popen.poll() is not None:
+                raise RuntimeError(f"{target.name} exited early; see {tmp}")
         stats_before = simulator_stats(sim_port)
         count_before = counter.count
-        for proc in (target, simulator, mosquitto):
+        for proc in (*targets, simulator, *brokers.procs):
             proc.mark()
-        if peer in BRIDGES:
-            target.popen.send_signal(signal.SIGUSR1)  # lags from here on
+        watcher.mark()
+        if bridge_row:
+            for target in targets:
+                target.popen.send_signal(signal.SIGUSR1)  # lags from here on
         started_at = time.monotonic()
         scraper: _http.Scraper | None = None
         if page is not None:
@@ -458,7 +577,8 @@ def run_peer(peer: str, args: argparse.Namespace, log: Callable[[str], None]) ->
 
         elapsed = time.monotonic() - started_at
         count_after = counter.count
-        for proc in (target, simulator, mosquitto):
+        seen = watcher.seen()
+        for proc in (*targets, simulator, *brokers.procs):
             proc.measure()
         served: dict[str, Any] = {}  # (after the other figures in the row)
         if page is not None and scraper is not None:
@@ -466,15 +586,19 @@ def run_peer(peer: str, args: argparse.Namespace, log: Callable[[str], None]) ->
         stats_after = simulator_stats(sim_port)
         if commander is not None:
             commander.wait_all(COMMAND_TIMEOUT)
-        lags: list[float] | None = None
+        lags: list[float] = []
+        per_shard_lags: list[list[float]] = []
         threads = None
-        if peer in BRIDGES:
+        if bridge_row:
             if page is not None:
                 page.stop()  # before the bridge: its page would only see it gone
-            if target.stop() != 0:
-                raise RuntimeError(f"the bridge did not exit cleanly; see {tmp / 'bridge.log'}")
-            result = json.loads(out.read_text())
-            lags, threads = sorted(result["lags"]), result["threads"]
+            for target, out in zip(targets, outs, strict=True):
+                if target.stop() != 0:
+                    raise RuntimeError(f"{target.name} did not exit cleanly; see {tmp}")
+                result = json.loads(out.read_text())
+                per_shard_lags.append(sorted(result["lags"]))
+                threads = result["threads"]
+            lags = sorted(lag for shard_lags in per_shard_lags for lag in shard_lags)
         final = simulator_stats(sim_port)
 
     fleet_ids = {m.devid for m in fleet(args.meters, 0, 0.0)[0]}
@@ -482,22 +606,24 @@ def run_peer(peer: str, args: argparse.Namespace, log: Callable[[str], None]) ->
     fleet_polls = sum(after[devid]["ok"] - before[devid]["ok"] for devid in fleet_ids)
     polls = stats_after["ok"] - stats_before["ok"]
     trips = sorted(commander.round_trips.values()) if commander is not None else []
+    cpu = sum(target.cpu_window for target in targets)
     f = row.figures
     f["meters"] = args.meters
     f["seconds"] = round(elapsed, 1)
     f["polls_per_s"] = round(fleet_polls / elapsed, 1)
     f["expected_per_s"] = round(expected, 1)
     f["polls_pct_of_expected"] = round(100 * fleet_polls / elapsed / expected, 1) if expected else None
-    f["cpu_ms_per_poll"] = round(1000 * target.cpu_window / polls, 3) if polls else None
-    f["cpu_pct"] = round(100 * target.cpu_window / elapsed, 1)
+    f["cpu_ms_per_poll"] = round(1000 * cpu / polls, 3) if polls else None
+    f["cpu_pct"] = round(100 * cpu / elapsed, 1)
     f["messages_per_s"] = round((count_after - count_before) / elapsed, 1)
     f["subscriber"] = counter.kind
+    f["states_seen"] = len(seen & ({f"m{i:05d}" for i in range(args.meters)} if bridge_row else set()))
     f["lag_p50_ms"] = _ms(lags, 50) if lags else None
     f["lag_p99_ms"] = _ms(lags, 99) if lags else None
     f["lag_max_ms"] = round(lags[-1] * 1000, 1) if lags else None
     f["violations_429"] = final["rate_limited"]
     f["early_arrivals"] = final["early"]
-    f["peak_rss_mb"] = round(target.rss_mb, 1)
+    f["peak_rss_mb"] = round(sum(target.rss_mb for target in targets), 1)
     f["relay_commands"] = len(segments) if commander is not None else 0
     f["relay_confirmed"] = len(trips)
     f["relay_p50_ms"] = _ms(trips, 50)
@@ -505,10 +631,12 @@ def run_peer(peer: str, args: argparse.Namespace, log: Callable[[str], None]) ->
     f["command_delay_ms"] = args.command_delay if commander is not None else None
     f["simulator_cpu_pct"] = round(100 * simulator.cpu_window / elapsed, 1)
     f["simulator_rss_mb"] = round(simulator.rss_mb, 1)
-    f["mosquitto_cpu_pct"] = round(100 * mosquitto.cpu_window / elapsed, 1)
-    f["mosquitto_rss_mb"] = round(mosquitto.rss_mb, 1)
+    f["broker_cpu_pct"] = round(100 * sum(p.cpu_window for p in brokers.procs) / elapsed, 1)
+    f["broker_rss_mb"] = round(sum(p.rss_mb for p in brokers.procs), 1)
     if threads is not None:
         f["bridge_threads"] = threads
+    if shards > 1:
+        f["shards"] = shard_figures(args, targets, per_shard_lags, before, after, elapsed)
     f.update(served)
     if peer == "node-red":
         f["inject_interval_s"] = args.nr_interval
@@ -517,6 +645,42 @@ def run_peer(peer: str, args: argparse.Namespace, log: Callable[[str], None]) ->
     else:
         shutil.rmtree(tmp, ignore_errors=True)
     return row
+
+
+def shard_figures(
+    args: argparse.Namespace,
+    targets: list[Proc],
+    lags: list[list[float]],
+    before: dict[str, Any],
+    after: dict[str, Any],
+    elapsed: float,
+) -> list[dict[str, Any]]:
+    """Each shard's own figures: its meters (by the hash), their polls, its CPU and memory."""
+    from bridge.shard import owner
+
+    count = len(targets)
+    main, fast = fleet(args.meters, args.commands, args.command_delay / 1000)
+    rows: list[dict[str, Any]] = []
+    for index, target in enumerate(targets):
+        mine = [m.devid for m in main if owner(m.devid, count) == index]
+        every = mine + [m.devid for m in fast if owner(m.devid, count) == index]
+        polls = sum(after[d]["ok"] - before[d]["ok"] for d in every)
+        fleet_polls = sum(after[d]["ok"] - before[d]["ok"] for d in mine)
+        rows.append(
+            {
+                "index": index,
+                "meters": len(mine),
+                "polls_per_s": round(fleet_polls / elapsed, 1),
+                "polls_pct_of_expected": round(100 * fleet_polls / elapsed / (len(mine) / INTERVAL), 1)
+                if mine
+                else None,
+                "cpu_pct": round(100 * target.cpu_window / elapsed, 1),
+                "cpu_ms_per_poll": round(1000 * target.cpu_window / polls, 3) if polls else None,
+                "peak_rss_mb": round(target.rss_mb, 1),
+                "lag_p99_ms": _ms(lags[index], 99) if lags[index] else None,
+            }
+        )
+    return rows
 
 
 # --- output -------------------------------------------------------------------------------
@@ -528,19 +692,20 @@ _LABELS = [
     ("cpu_ms_per_poll", "CPU ms per poll"),
     ("cpu_pct", "CPU % (of one core)"),
     ("messages_per_s", "messages/s at subscriber"),
+    ("states_seen", "meters whose state arrived"),
     ("lag_p50_ms", "schedule lag p50 ms"),
     ("lag_p99_ms", "schedule lag p99 ms"),
     ("lag_max_ms", "schedule lag max ms"),
     ("violations_429", "rate-limit violations (429)"),
     ("early_arrivals", "requests < 6 s apart"),
-    ("peak_rss_mb", "peak RSS MB"),
+    ("peak_rss_mb", "peak RSS MB (bridge processes)"),
     ("relay_confirmed", "relay commands confirmed"),
     ("relay_p50_ms", "relay round trip p50 ms"),
     ("relay_p99_ms", "relay round trip p99 ms"),
     ("simulator_cpu_pct", "simulator CPU %"),
     ("simulator_rss_mb", "simulator peak RSS MB"),
-    ("mosquitto_cpu_pct", "mosquitto CPU %"),
-    ("mosquitto_rss_mb", "mosquitto peak RSS MB"),
+    ("broker_cpu_pct", "broker CPU % (all nodes)"),
+    ("broker_rss_mb", "broker peak RSS MB (all nodes)"),
 ]
 
 
@@ -580,7 +745,8 @@ def render(rows: list[Row], args: argparse.Namespace, extra: dict[str, Any]) -> 
         (
             f"{args.meters} extended 3-phase meters, answer delay {args.delay:g} ms, "
             f"{rows[0].figures['seconds']:g} s measured after {args.warmup:g} s warm-up, QoS {args.qos}, "
-            f"publish {extra['publish']}; subscriber: {rows[0].figures['subscriber']}; "
+            f"publish {extra['publish']}, output {extra['output']}; broker {args.broker}; "
+            f"subscriber: {rows[0].figures['subscriber']}; "
             f"{args.commands} relay commands to command meters answering in {args.command_delay:g} ms"
         )
     ]
@@ -597,9 +763,22 @@ def render(rows: list[Row], args: argparse.Namespace, extra: dict[str, Any]) -> 
                 for i, (cell, w) in enumerate(zip(line, widths, strict=True))
             )
         )
+    for row in rows:
+        for shard in row.figures.get("shards", ()):
+            text.append(
+                f"{row.peer}, shard {shard['index']}: {shard['meters']} meters, "
+                f"{_cell(shard['polls_per_s'])} polls/s ({_cell(shard['polls_pct_of_expected'])} %), "
+                f"CPU {shard['cpu_pct']} %, {_cell(shard['cpu_ms_per_poll'])} ms per poll, "
+                f"peak RSS {shard['peak_rss_mb']} MB, lag p99 {_cell(shard['lag_p99_ms'])} ms"
+            )
     for peer, key in _RATIOS.items():
         if key in extra:
             text.append(f"CPU per poll, bridge / {peer}: {_cell(extra[key])}")
+    if "shard_cpu_per_poll_ratio" in extra:
+        text.append(
+            f"CPU per poll, {args.shards} shards (summed) / one instance: "
+            f"{_cell(extra['shard_cpu_per_poll_ratio'])}"
+        )
     if "http_cpu_pct_delta" in extra:
         text.append(
             f"HTTP cost, bridge+http - bridge: {_cell(extra['http_cpu_pct_delta'])} % of one core "
@@ -657,6 +836,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="with --http: chromium where it and selenium are present (auto), or a thread "
         "GETting api/bridge and api/meters every 2 s as the page does (poller)",
     )
+    parser.add_argument(
+        "--shards",
+        type=int,
+        default=1,
+        metavar="N",
+        help="also run the fleet over N bridge processes sharing the device list (row 'N shards')",
+    )
+    parser.add_argument(
+        "--broker",
+        choices=["mosquitto", "nats"],
+        default="mosquitto",
+        help="mosquitto (default) or a 3-node nats-server cluster with MQTT and JetStream",
+    )
+    parser.add_argument(
+        "--output",
+        choices=["attribute_and_json", "json", "attribute"],
+        help="the bridge's publish.output (default: its default, attribute_and_json)",
+    )
     parser.add_argument("--commands", type=int, default=50, help="relay commands (default 50)")
     parser.add_argument(
         "--command-delay",
@@ -674,8 +871,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--warmup must be at least {MIN_WARMUP:g} s: each command meter's slot must be free")
     if args.publish is not None and not publish_supported():
         parser.error("--publish: this bridge's config has no publish key yet")
-    if shutil.which("mosquitto") is None:
+    if args.broker == "mosquitto" and shutil.which("mosquitto") is None:
         parser.error("mosquitto is not on PATH (apt-get install mosquitto)")
+    if args.broker == "nats":
+        from bench.nats import binary
+
+        if binary() is None:
+            parser.error("--broker nats: nats-server is not installed (apt-get install nats-server)")
+        if "node-red" in args.peer:
+            parser.error("--peer node-red runs against mosquitto only")
+    if args.shards < 1:
+        parser.error("--shards must be at least 1")
     if "node-red" in args.peer and (reason := nodered.missing_tools()):
         parser.error(f"--peer node-red: {reason}")
     return args
@@ -689,13 +895,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
     rows = [run_peer("bridge", args, log)]
+    if args.shards > 1:
+        rows.append(run_peer(f"{args.shards} shards", args, log))
     if args.http:
         rows.append(run_peer("bridge+http", args, log))
     for peer in dict.fromkeys(args.peer):  # in the order given, each once
         rows.append(run_peer(peer, args, log))
-    extra: dict[str, Any] = {"publish": args.publish or "every_poll (default)"}
+    extra: dict[str, Any] = {
+        "publish": args.publish or "every_poll (default)",
+        "output": args.output or "attribute_and_json (default)",
+        "broker": args.broker,
+    }
     mine = rows[0].figures["cpu_ms_per_poll"]
     for row in rows[1:]:
+        if row_shards(row.peer) > 1:
+            theirs = row.figures["cpu_ms_per_poll"]
+            extra["shard_cpu_per_poll_ratio"] = round(theirs / mine, 2) if mine and theirs else None
+            continue
         if row.peer in BRIDGES:
             plain, served = rows[0].figures["cpu_pct"], row.figures["cpu_pct"]
             extra["http_cpu_pct_delta"] = round(served - plain, 1)
@@ -709,6 +925,7 @@ def main(argv: list[str] | None = None) -> int:
         print(render(rows, args, extra))
     record = {
         "meters": args.meters, "delay_ms": args.delay, "warmup_s": args.warmup, "qos": args.qos,
+        "shards": args.shards,
         "cores": os.cpu_count(), **extra, "rows": {row.peer: row.figures for row in rows},
     }  # fmt: skip
     print(json.dumps(record), flush=True)

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from bench import _http, browser, nodered
+from bench import _http, browser, nats, nodered
 from bench.fleet import _HTTP_LABELS, _LABELS
 from bench.page import _LABELS as page_labels
 
@@ -157,3 +157,28 @@ def test_fleet_benchmark_http_smoke_run(client: str) -> None:
     else:
         assert served["page_client_cpu_pct"] is None and served["page_render_ms"] is None, served
     assert served["violations_429"] == 0 and served["relay_confirmed"] == 3, served
+
+
+@pytest.mark.parametrize("broker", ["mosquitto", "nats"])
+def test_fleet_benchmark_shards_smoke_run(broker: str) -> None:
+    """--shards 2 (issue 11): a row of two shards after the one-instance row, with each
+    shard's own figures; on nats, a 3-node cluster whose last node carries the subscriber
+    and the commands."""
+    if broker == "nats" and nats.binary() is None:
+        pytest.skip("nats-server is not installed (apt-get install nats-server)")
+    table, record = run_fleet("--shards", "2", "--broker", broker, "--output", "json")
+    rows = record["rows"]
+    assert list(rows) == ["bridge", "2 shards"]
+    assert (record["broker"], record["output"], record["shards"]) == (broker, "json", 2)
+    for peer, row in rows.items():
+        assert row["violations_429"] == 0 and row["early_arrivals"] == 0, (peer, row)
+        assert row["states_seen"] == 5, (peer, row)  # every meter's state crossed the broker
+        assert row["relay_confirmed"] == 3, (peer, row)
+    shards = rows["2 shards"]["shards"]
+    assert [shard["index"] for shard in shards] == [0, 1]
+    assert sum(shard["meters"] for shard in shards) == 5
+    for shard in shards:
+        assert f"2 shards, shard {shard['index']}: {shard['meters']} meters" in table
+    ratio = record["shard_cpu_per_poll_ratio"]
+    assert ratio is None or ratio > 0  # n/a when a handful of polls cost less than a clock tick
+    assert "CPU per poll, 2 shards (summed) / one instance:" in table
