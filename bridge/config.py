@@ -388,9 +388,19 @@ class ShardSettings(_Model):
     """This instance, 0..count-1. None with count > 1: the host name's trailing -<n> (a
     StatefulSet's pod smartmac-bridge-2 is 2)."""
 
+    @field_validator("count", "index", mode="before")
+    @classmethod
+    def _not_bool(cls, value: Any) -> Any:
+        # YAML's `true` would otherwise count as 1.
+        if isinstance(value, bool):
+            raise ValueError("must be a whole number, not true or false")
+        return value
+
     @model_validator(mode="before")
     @classmethod
     def _index_from_host(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("index"), str) and not data["index"].strip():
+            data = {**data, "index": None}  # SMARTMAC_SHARD__INDEX= (empty): not set
         if not isinstance(data, dict) or data.get("index") is not None:
             return data
         try:
@@ -470,6 +480,15 @@ class Settings(BaseSettings):
                 "http.host: not a loopback address; set http.password (and http.username) "
                 "or http.read_only: true"
             )
+        seen_broker: dict[tuple[str, int], int] = {}
+        for number, broker in enumerate(self.mqtt.brokers, 1):
+            if broker in seen_broker:
+                # Failing over to the same broker would be logged as a change of node.
+                raise ValueError(
+                    f"mqtt.host: entry {number} of {len(self.mqtt.brokers)} is the same broker"
+                    f" as entry {seen_broker[broker]}"
+                )
+            seen_broker[broker] = number
         shard = self.shard
         if shard.sharded and shard.index is None:
             raise ValueError(

@@ -427,7 +427,9 @@ class MqttLink:
             self._client.unsubscribe(topic)
 
     def publish_event(self, topic: str, payload: bytes) -> None:
-        """A not-retained message (command results). Lost if the broker is away."""
+        """A not-retained message (command results, health), at QoS 1 at least: paho keeps
+        one published while the broker is away and sends it on the next connection (after
+        a failover, to the next node)."""
         result = self._client.publish(topic, payload, qos=max(self._qos, 1), retain=False)
         if result.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             logger.debug("could not publish %s now (%s)", topic, result.rc)

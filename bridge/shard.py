@@ -15,7 +15,7 @@ import hashlib
 import re
 
 # A StatefulSet's pod is <name>-<ordinal>: smartmac-bridge-2 is shard 2.
-_ORDINAL = re.compile(r"-(\d+)$")
+_ORDINAL = re.compile(r"-([0-9]+)$")  # ASCII digits only, as in the reserved bridge-<digits>
 
 
 def weight(devid: str, index: int) -> int:

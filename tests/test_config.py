@@ -190,6 +190,8 @@ def test_the_environment_list_wins_over_the_file(tmp_path: Path, monkeypatch: py
         ("[::1:1883", "brackets hold an IPv6 address"),
         ("[::1]zq", "give \\[address\\]:port"),
         ("zq:zq:1883", "an IPv6 address with a port is written"),
+        ("zq,zq", "entry 2 of 2 is the same broker as entry 1"),
+        ("zq:1883,zq2,zq", "entry 3 of 3 is the same broker as entry 1"),
     ],
 )
 def test_bad_broker_entries_name_mqtt_host(monkeypatch: pytest.MonkeyPatch, value: str, message: str) -> None:

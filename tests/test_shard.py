@@ -72,6 +72,8 @@ def test_ties_go_to_the_smaller_index(monkeypatch: pytest.MonkeyPatch) -> None:
         ("smartmac-bridge-2", 2),
         ("smartmac-bridge-0.smartmac-bridge.default.svc.cluster.local", 0),
         ("bridge-17", 17),
+        ("SMARTMAC-BRIDGE-1", 1),
+        ("bridge-\u0662", None),  # an Arabic-Indic 2 is not an ordinal
         ("smartmac-bridge", None),
         ("host2", None),
         ("", None),
@@ -92,9 +94,11 @@ def test_shard_index_from_the_host_name(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setenv("SMARTMAC_SHARD__COUNT", "3")
     settings = load_settings(_write(tmp_path, DEVICE))
     assert (settings.shard.count, settings.shard.index, settings.shard.node) == (3, 2, "bridge-2")
-    # An index given wins over the host name.
+    # An index given wins over the host name; an empty one is not given.
     monkeypatch.setenv("SMARTMAC_SHARD__INDEX", "0")
     assert load_settings(_write(tmp_path, DEVICE)).shard.index == 0
+    monkeypatch.setenv("SMARTMAC_SHARD__INDEX", "")
+    assert load_settings(_write(tmp_path, DEVICE)).shard.index == 2
 
 
 def test_one_shard_ignores_the_host_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -120,6 +124,8 @@ def test_one_shard_ignores_the_host_name(tmp_path: Path, monkeypatch: pytest.Mon
         ),
         ("shard: {count: 2, idx: 1}\n", {}, "x", "shard.idx: unknown key"),
         ("", {"SMARTMAC_SHARD__COUNT": "two"}, "x", "shard.count: Input should be a valid integer"),
+        ("shard: {count: true}\n", {}, "x", "shard.count: must be a whole number, not true or false"),
+        ("shard: {count: 2, index: true}\n", {}, "x", "shard.index: must be a whole number"),
     ],
 )
 def test_shard_errors_name_the_key(
@@ -163,6 +169,7 @@ def _write(tmp_path: Path, text: str) -> Path:
 GHOST = "1111111111"
 
 
+@pytest.mark.parametrize("broker", ["mosquitto"], indirect=True)
 def test_two_shards_share_one_list(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
     meters = [SimMeter(devid=str(1728053300 + n), pin="4711", phases=1, extended=True) for n in range(8)]
