@@ -262,6 +262,26 @@ class Counter:
 # --- relay round trips --------------------------------------------------------------------
 
 
+def subscribed(
+    port: int,
+    name: str,
+    topics: list[tuple[str, int]],
+    on_message: Callable[[paho.Client, object, paho.MQTTMessage], None],
+) -> paho.Client:
+    """A paho client on its own thread, returned once its (topic, qos) subscriptions are
+    acknowledged (at once for none)."""
+    done = threading.Event()
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"{name}-{uuid.uuid4().hex[:8]}")
+    client.on_connect = lambda c, *a: c.subscribe(topics) if topics else done.set()
+    client.on_subscribe = lambda *a: done.set()
+    client.on_message = on_message
+    client.connect(LOOPBACK, port)
+    client.loop_start()
+    if not done.wait(30):
+        raise RuntimeError(f"{name} could not subscribe")
+    return client
+
+
 class Commander:
     """Sends ON to each command meter once and times set -> B/D/relay ON."""
 
@@ -273,17 +293,8 @@ class Commander:
         self.round_trips: dict[str, float] = {}
         self._lock = threading.Lock()
         self._done = threading.Condition(self._lock)
-        self._subscribed = threading.Event()
-        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-cmd-{uuid.uuid4().hex[:8]}")
         topics = [(f"{BASE}/{s}/relay", max(qos, 1) if sub_qos is None else sub_qos) for s in segments]
-        client.on_connect = lambda c, *a: c.subscribe(topics) if topics else self._subscribed.set()
-        client.on_subscribe = lambda *a: self._subscribed.set()
-        client.on_message = self._on_message
-        client.connect(LOOPBACK, port)
-        client.loop_start()
-        if not self._subscribed.wait(30):
-            raise RuntimeError("the command client could not subscribe")
-        self._client = client
+        self._client = subscribed(port, "bench-cmd", topics, self._on_message)
 
     def _on_message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
         now = time.monotonic()
@@ -422,16 +433,7 @@ class StateWatcher:
     def __init__(self, port: int, qos: int) -> None:
         self._seen: set[str] = set()
         self._marked = False
-        self._subscribed = threading.Event()
-        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-watch-{uuid.uuid4().hex[:8]}")
-        client.on_connect = lambda c, *a: c.subscribe(f"{BASE}/+/relay", qos)
-        client.on_subscribe = lambda *a: self._subscribed.set()
-        client.on_message = self._on_message
-        client.connect(LOOPBACK, port)
-        client.loop_start()
-        if not self._subscribed.wait(30):
-            raise RuntimeError("the state watcher could not subscribe")
-        self._client = client
+        self._client = subscribed(port, "bench-watch", [(f"{BASE}/+/relay", qos)], self._on_message)
 
     def _on_message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
         if self._marked and not msg.retain:

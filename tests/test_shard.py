@@ -17,6 +17,7 @@ import pytest
 import requests
 from shapes import json_object
 from support import Rig, assert_rate_limit_kept, device
+from test_config import write
 
 from bench.support import free_port
 from bridge import shard
@@ -92,18 +93,18 @@ DEVICE = 'devices: [{id: "1728053249", pin: "012345", host: "127.0.0.1:1"}]\n'
 def test_shard_index_from_the_host_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(socket, "gethostname", lambda: "smartmac-bridge-2")
     monkeypatch.setenv("SMARTMAC_SHARD__COUNT", "3")
-    settings = load_settings(_write(tmp_path, DEVICE))
+    settings = load_settings(write(tmp_path, DEVICE))
     assert (settings.shard.count, settings.shard.index, settings.shard.node) == (3, 2, "bridge-2")
     # An index given wins over the host name; an empty one is not given.
     monkeypatch.setenv("SMARTMAC_SHARD__INDEX", "0")
-    assert load_settings(_write(tmp_path, DEVICE)).shard.index == 0
+    assert load_settings(write(tmp_path, DEVICE)).shard.index == 0
     monkeypatch.setenv("SMARTMAC_SHARD__INDEX", "")
-    assert load_settings(_write(tmp_path, DEVICE)).shard.index == 2
+    assert load_settings(write(tmp_path, DEVICE)).shard.index == 2
 
 
 def test_one_shard_ignores_the_host_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(socket, "gethostname", lambda: "server-5")
-    settings = load_settings(_write(tmp_path, DEVICE))
+    settings = load_settings(write(tmp_path, DEVICE))
     assert settings.shard == ShardSettings()
     assert (settings.shard.index, settings.shard.node, settings.shard.sharded) == (None, "bridge", False)
 
@@ -140,7 +141,7 @@ def test_shard_errors_name_the_key(
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     with pytest.raises(ConfigError) as error:
-        load_settings(_write(tmp_path, text + DEVICE))
+        load_settings(write(tmp_path, text + DEVICE))
     assert message in str(error.value)
 
 
@@ -148,20 +149,14 @@ def test_shard_errors_name_the_key(
 def test_bridge_segments_are_reserved(tmp_path: Path, segment: str) -> None:
     text = f'devices: [{{id: "1", pin: "1", host: "127.0.0.1:1", topic: "{segment}"}}]\n'
     with pytest.raises(ConfigError) as error:
-        load_settings(_write(tmp_path, text))
+        load_settings(write(tmp_path, text))
     assert "devices.0.topic: 'bridge' and 'bridge-<digits>' are reserved" in str(error.value)
 
 
 @pytest.mark.parametrize("segment", ["bridge-", "bridge-x", "bridges", "my-bridge-1"])
 def test_other_bridge_like_segments_are_fine(tmp_path: Path, segment: str) -> None:
     text = f'devices: [{{id: "1", pin: "1", host: "127.0.0.1:1", topic: "{segment}"}}]\n'
-    assert load_settings(_write(tmp_path, text)).devices[0].segment == segment
-
-
-def _write(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "config.yaml"
-    path.write_text(text)
-    return path
+    assert load_settings(write(tmp_path, text)).devices[0].segment == segment
 
 
 # -- two shards, one device list, one broker ----------------------------------------------

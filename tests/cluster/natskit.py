@@ -142,6 +142,13 @@ class Fleet:
         """The node shard `shard` is connected to now, by the nodes' own /connz."""
         return self.cluster.node_of(self.shards[shard].client_id)
 
+    def node_and_next(self, shard: int) -> tuple[int, int]:
+        """The node shard `shard` is on, and the next one: a probe there sees only what
+        crossed the cluster."""
+        node = self.node_of(shard)
+        assert node is not None, f"shard {shard} is on no node"
+        return node, (node + 1) % len(self.cluster.nodes)
+
     def wait_states(
         self, probe: Probe, meters: list[SimMeter], *, after: int = 0, timeout: float = 20
     ) -> None:

@@ -97,9 +97,7 @@ def test_relay_command_on_one_node_reaches_the_owner_on_another(fleet: Fleet) ->
 
 def test_killed_shard_goes_offline_and_comes_back(fleet: Fleet) -> None:
     victim = 1
-    node = fleet.node_of(victim)
-    assert node is not None
-    elsewhere = (node + 1) % len(fleet.cluster.nodes)
+    _, elsewhere = fleet.node_and_next(victim)
     watcher = fleet.probe(elsewhere)  # the last will crosses the cluster to reach it
     others = [m for m in fleet.meters if fleet.owners[m.devid] != victim]
     mark = watcher.mark()
@@ -123,9 +121,7 @@ def test_killed_shard_goes_offline_and_comes_back(fleet: Fleet) -> None:
 
 def test_killing_a_node_moves_its_shard_and_states_go_on(fleet: Fleet) -> None:
     mover = 0
-    node = fleet.node_of(mover)
-    assert node is not None
-    elsewhere = (node + 1) % len(fleet.cluster.nodes)
+    node, elsewhere = fleet.node_and_next(mover)
     watcher = fleet.probe(elsewhere)
     mark = watcher.mark()
 
